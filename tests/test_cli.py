@@ -1,0 +1,36 @@
+"""The `xwlearn` command as a user runs it (a subprocess, like the shell)."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+PY = sys.executable
+ENV = {**os.environ, "XWLEARN_THREADS": "1"}
+
+def run(*args, **kw):
+    return subprocess.run([PY, "-m", "xwlearn", *args], env=ENV, capture_output=True, text=True, timeout=600, **kw)
+
+def test_list():
+    r = run("list")
+    assert r.returncode == 0, r.stderr
+    assert "adax" in r.stdout and "mage" in r.stdout and "smoke_cifar10" in r.stdout
+    assert len([l for l in r.stdout.splitlines() if "nbs/" in l]) == 26
+
+def test_unknown_keys_are_clear_errors():
+    r = run("reproduce", "nope")
+    assert r.returncode == 2 and "no reproduction registered as 'nope'" in r.stderr and "Traceback" not in r.stderr
+    r = run("train", "nope", "--data", ".")
+    assert r.returncode == 2 and "unknown recipe 'nope'" in r.stderr
+
+def test_reproduce_test_scale_writes_report(tmp_path):
+    r = run("reproduce", "adax", "--test", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    md = (tmp_path/"claims.md").read_text()
+    assert "AdaX" in md and "TEST SCALE" in md
+    claims = json.loads((tmp_path/"claims.json").read_text())
+    assert claims[0]["key"] == "adax" and claims[0]["verdict"] in ("reproduced", "partly", "not at this scale")
+    for p in claims[0]["plots"]: assert (tmp_path/p).exists()
+
+def test_bench_skips_without_gpu():
+    import torch
+    r = run("bench")
+    assert r.returncode == 0
+    if not torch.cuda.is_available(): assert "skipped" in r.stdout and "no CUDA GPU" in r.stdout

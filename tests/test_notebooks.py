@@ -1,0 +1,38 @@
+"""One pytest case per notebook: each runs top to bottom with nbdev's own test runner (`nbdev.test.test_nb`).
+
+Cells flagged with a `tst_flags` directive (`#| slow`, `#| cuda`) are skipped unless listed in the environment
+variable `XWLEARN_NB_FLAGS` (e.g. `XWLEARN_NB_FLAGS="slow"`), the same way `nbdev-test --flags slow` works.
+"""
+import os, re
+from pathlib import Path
+import pytest
+import nbdev.test as nbtest
+from nbdev.config import get_config
+
+ROOT = Path(__file__).resolve().parents[1]
+cfg = get_config(ROOT)
+NBS = Path(cfg.nbs_path)
+
+def _notebooks():
+    "Every notebook nbdev would test: skip files/folders starting with `_` or `.` and folders holding a `.notest` file."
+    out = []
+    for nb in sorted(NBS.rglob("*.ipynb")):
+        rel = nb.relative_to(NBS)
+        if any(part.startswith(("_", ".")) for part in rel.parts): continue
+        if any((p/".notest").exists() for p in nb.parents if NBS in p.parents or p == NBS): continue
+        out.append(nb)
+    return out
+
+FLAGS = cfg.tst_flags.split() if isinstance(cfg.tst_flags, str) else list(cfg.tst_flags)
+FORCE = os.environ.get("XWLEARN_NB_FLAGS", "").split()
+
+@pytest.mark.parametrize("nb", _notebooks(), ids=lambda p: str(p.relative_to(NBS)))
+def test_notebook(nb):
+    ok, secs = nbtest.test_nb(nb, skip_flags=[f for f in FLAGS if f not in FORCE], force_flags=FORCE,
+                              basepath=cfg.config_path)
+    print(f"{nb.relative_to(NBS)}: {secs:.1f} s")
+    assert ok, f"notebook {nb.relative_to(NBS)} failed (its traceback is printed above on stderr)"
+
+def test_found_notebooks():
+    nbs = [str(p.relative_to(NBS)) for p in _notebooks()]
+    assert "index.ipynb" in nbs and "00_core/00_core.ipynb" in nbs, nbs
