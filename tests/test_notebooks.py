@@ -36,3 +36,19 @@ def test_notebook(nb):
 def test_found_notebooks():
     nbs = [str(p.relative_to(NBS)) for p in _notebooks()]
     assert "index.ipynb" in nbs and "00_core/00_core.ipynb" in nbs, nbs
+
+def _import_line(l):
+    return re.match(r"\s*(import \S|from \S+ import )", l) is not None
+
+@pytest.mark.parametrize("nb", _notebooks(), ids=lambda p: str(p.relative_to(NBS)))
+def test_imports_in_cells_of_their_own(nb):
+    """nbdev's docs processing executes every cell that contains an import (plus exported cells): a cell that mixes an
+    import with other code then runs out of context and breaks the docs build. Keep imports in cells of their own."""
+    import nbformat
+    bad = []
+    for i, c in enumerate(nbformat.read(nb, as_version=4).cells):
+        if c.cell_type != "code" or re.search(r"^#\|\s*export", c.source, re.M) or "nbdev_export(" in c.source: continue
+        stmts = [s.strip() for l in c.source.splitlines() if l.strip() and not l.strip().startswith("#")
+                 for s in l.split(";") if s.strip()]
+        if any(_import_line(s) for s in stmts) and not all(_import_line(s) for s in stmts): bad.append(i)
+    assert not bad, f"{nb.relative_to(NBS)}: cells {bad} mix imports with other code"

@@ -7,9 +7,9 @@ Docs: https://xwlearn.github.io/xwlearn/00_core/__main__.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/00_core/05___main__.ipynb #36a85188
+# %% ../nbs/00_core/05___main__.ipynb #a548c2f7
 import sys
 from .cli import main
 
-# %% ../nbs/00_core/05___main__.ipynb #4db415b2
+# %% ../nbs/00_core/05___main__.ipynb #0d230671
 if __name__ == "__main__": sys.exit(main())
