@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st, HealthCheck
+from hypothesis import example, given, settings, strategies as st, HealthCheck
 
 from xwlearn.optim.adax import AdaX, AdaXW, AdaXOpt, adax_beta2_hat, adax_eps_hat, log_adax_bias_correction
 
@@ -50,6 +50,8 @@ shapes = st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple)
 @given(shapes=shapes, lr=st.floats(1e-4, 0.1), beta1=st.floats(0.0, 0.99), beta2=st.floats(1e-6, 0.5),
        wd=st.sampled_from([0.0, 5e-4, 5e-2, 0.3]), decoupled=st.booleans(), steps=st.integers(1, 20),
        foreach=st.booleans(), seed=st.integers(0, 2**16))
+@example(shapes=[(1,), (1,), (4, 4)], lr=0.064453125, beta1=0.0, beta2=1e-06, wd=0.0, decoupled=False, steps=12,
+         foreach=False, seed=0)  # tiny β₂: the float64 reference's own cancellation error (see the tolerance below)
 def test_matches_official_float64(shapes, lr, beta1, beta2, wd, decoupled, steps, foreach, seed):
     g = torch.Generator().manual_seed(seed)
     thetas = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
@@ -59,7 +61,10 @@ def test_matches_official_float64(shapes, lr, beta1, beta2, wd, decoupled, steps
                       foreach=foreach), thetas, grads)
     for i, th in enumerate(thetas):
         ref = official(th, [gs[i] for gs in grads], lr, beta1, beta2, 1e-12, wd, decoupled)
-        for t in range(steps): torch.testing.assert_close(out[t][i], ref[t], rtol=1e-9, atol=1e-11)
+        # The official form computes (1+β₂)^t − 1 directly: in float64 that cancels to ~1e-16/(tβ₂) relative error,
+        # so the reference itself is only that accurate for tiny β₂ (hypothesis found 7e-9 at β₂ = 1e-6).
+        tol = max(1e-9, 1e-13 / beta2)
+        for t in range(steps): torch.testing.assert_close(out[t][i], ref[t], rtol=tol, atol=tol * 1e-2)
 
 
 def test_adaxw_defaults_and_float32():
