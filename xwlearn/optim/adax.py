@@ -18,9 +18,8 @@ from fastai.optimizer import Optimizer, weight_decay, l2_reg, average_grad, step
 
 # %% auto #0
 __all__ = ['MNIST1D_OPTS', 'ADAX_CIFAR_STATS', 'log_adax_bias_correction', 'adax_beta2_hat', 'adax_eps_hat', 'adax', 'AdaX',
-           'AdaXW', 'adax_sqr_avg', 'adax_step', 'AdaXOpt', 'mnist1d_mlp', 'mnist1d_cnn', 'reddi_grad', 'reddi_run',
-           'reddi_optimizers', 'train_mnist1d', 'adax_reproduction', 'BasicBlock', 'CifarResNet', 'resnet20',
-           'adax_cifar10_resnet20', 'adax_imagenet_resnet18']
+           'AdaXW', 'adax_sqr_avg', 'adax_step', 'AdaXOpt', 'reddi_grad', 'reddi_run', 'reddi_optimizers',
+           'train_mnist1d', 'adax_reproduction', 'adax_cifar10_resnet20', 'adax_imagenet_resnet18']
 
 # %% ../../nbs/20_optimization/01_optim.adax.ipynb #71b53567
 from ..core import set_seed, set_cpu_threads, cpu_threads, reproduction, Measured
@@ -203,17 +202,7 @@ def AdaXOpt(params, # model parameters or parameter groups (as from a fastai spl
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../../nbs/20_optimization/01_optim.adax.ipynb #c4425716
-def mnist1d_mlp(n_in:int=40, width:int=256, depth:int=3, n_out:int=10) -> nn.Sequential:
-    "MLP for MNIST-1D: `depth` × (Linear → BatchNorm1d → ReLU) of `width` units, then a linear head."
-    layers = []
-    for i in range(depth): layers += [nn.Linear(n_in if i == 0 else width, width), nn.BatchNorm1d(width), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(width, n_out))
-
-def mnist1d_cnn(width:int=32, n_out:int=10) -> nn.Sequential:
-    "1-D CNN for MNIST-1D (input (B,1,40)): 4 × (Conv1d k3 → BatchNorm1d → ReLU), strides 1,2,2,2, then a linear head."
-    def block(ci, co, s): return [nn.Conv1d(ci, co, 3, s, 1, bias=False), nn.BatchNorm1d(co), nn.ReLU()]
-    return nn.Sequential(*block(1, width, 1), *block(width, width, 2), *block(width, width, 2), *block(width, width, 2),
-                         nn.Flatten(), nn.Linear(width * 5, n_out))
+from ..nets import mnist1d_mlp, mnist1d_cnn  # the shared small networks (BatchNorm by default)
 
 # %% ../../nbs/20_optimization/01_optim.adax.ipynb #c62ca5ae
 from fastai.learner import Learner
@@ -353,39 +342,7 @@ def adax_reproduction(out_dir:Path, test:bool=False) -> Measured:
                     seeds=seeds, reddi_steps=steps), plots=['adax_reddi.png', 'adax_mnist1d.png'], notes=notes)
 
 # %% ../../nbs/20_optimization/01_optim.adax.ipynb #4598ee94
-class _ShortcutA(nn.Module):
-    "Option-A shortcut of the CIFAR ResNets: take every second pixel and zero-pad the new channels (no parameters)."
-    def __init__(self, extra:int): super().__init__(); self.extra = extra
-    def forward(self, x): return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
-
-class BasicBlock(nn.Module):
-    "conv3×3 → BN → ReLU → conv3×3 → BN, plus the shortcut, then ReLU."
-    def __init__(self, ci:int, co:int, stride:int=1):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(ci, co, 3, stride, 1, bias=False), nn.BatchNorm2d(co)
-        self.conv2, self.bn2 = nn.Conv2d(co, co, 3, 1, 1, bias=False), nn.BatchNorm2d(co)
-        self.shortcut = nn.Identity() if stride == 1 and ci == co else _ShortcutA(co - ci)
-    def forward(self, x):                                   # x: (B, ci, H, W) → (B, co, H/stride, W/stride)
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-class CifarResNet(nn.Module):
-    "The CIFAR ResNet of He et al. (2016): stem, 3 stages of `n` basic blocks (widths 16/32/64), pooling, linear head."
-    def __init__(self, n:int=3, widths=(16, 32, 64), n_classes:int=10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
-        blocks, ci = [], widths[0]
-        for i, w in enumerate(widths):
-            for j in range(n): blocks.append(BasicBlock(ci, w, 2 if i > 0 and j == 0 else 1)); ci = w
-        self.blocks, self.head = nn.Sequential(*blocks), nn.Linear(ci, n_classes)
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)): nn.init.kaiming_normal_(m.weight)
-    def forward(self, x):                                   # x: (B, 3, 32, 32) → logits (B, n_classes)
-        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
-
-def resnet20(n_classes:int=10) -> CifarResNet:
-    "ResNet-20 for CIFAR (3 × 3 blocks per stage, 0.27 M parameters)."
-    return CifarResNet(3, n_classes=n_classes)
+from ..nets import resnet20  # the CIFAR ResNet of He et al. (2016), shared by every CIFAR recipe
 
 # %% ../../nbs/20_optimization/01_optim.adax.ipynb #dbfd83e8
 from fastai.losses import CrossEntropyLossFlat
