@@ -35,3 +35,13 @@ def test_recipes_are_complete():
     for name, r in RECIPES.items():
         assert r.epochs >= 1 and r.dataset and r.description, name
         assert (ROOT/"datasets"/f"{r.dataset}.md").exists(), f"recipe {name}: no dataset card datasets/{r.dataset}.md"
+
+def test_reproduction_lookup_in_a_fresh_process():
+    "A reproduction key that is not a paper key (and a paper key with one reproduction) resolve without `reproduce all`."
+    import subprocess, sys
+    code = ("from xwlearn.core import get_reproduction as g, PAPERS\n"
+            "ks = [k for k, p in PAPERS.items() if p.implemented()]\n"
+            "print(g('batch_kalman_norm').paper if 'kalman' in ks else 'kalman', g('kalman').key if 'kalman' in ks else 'batch_kalman_norm')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["kalman", "batch_kalman_norm"], r.stdout

@@ -1,0 +1,123 @@
+"""`xwlearn.norm.bn_theory`: PopulationNorm, exact recalibration, GammaDecay, and the derived decomposition (fast)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import xwlearn.core  # noqa: F401  (before fastai: silences its torch.jit warning)
+from xwlearn.norm.bn_theory import (PopulationNorm, PopulationNorm2d, recalibrate_population_norm, GammaDecay,
+                                    PopulationRecalibration, bn_block_population, bn_pn_gap, predicted_coeffs)
+
+torch.set_num_threads(1)
+
+
+def _stats_layer(cls, c, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    m = cls(c).to(dtype)
+    m.running_mean.copy_(torch.randn(c, generator=g)); m.running_var.copy_(torch.rand(c, generator=g) + 0.3)
+    m.weight.data.copy_(torch.randn(c, generator=g)); m.bias.data.copy_(torch.randn(c, generator=g))
+    return m
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (5, 4, 7)])
+def test_equals_batchnorm1d_eval(shape):
+    bn = _stats_layer(nn.BatchNorm1d, 4).eval()
+    pn = PopulationNorm(4); pn.load_state_dict(bn.state_dict(), strict=False)
+    x = torch.randn(*shape) * 3 + 1
+    torch.testing.assert_close(pn(x), bn(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pn.train()(x[:1]), bn(x[:1]), rtol=1e-5, atol=1e-5)  # no batch dependence in training
+
+
+def test_equals_batchnorm2d_eval():
+    bn = _stats_layer(nn.BatchNorm2d, 3).eval()
+    pn = PopulationNorm2d(3); pn.load_state_dict(bn.state_dict(), strict=False)
+    x = torch.randn(2, 3, 5, 6)
+    torch.testing.assert_close(pn(x), bn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_float64():
+    pn = _stats_layer(PopulationNorm, 3, dtype=torch.float64)
+    call = lambda x, w, b: torch.func.functional_call(pn, {'weight': w, 'bias': b}, (x,))
+    args = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in [(4, 3, 2), (3,), (3,)]]
+    assert torch.autograd.gradcheck(call, args)
+
+
+@pytest.mark.parametrize("cls,x,msg", [(PopulationNorm, torch.randn(2, 4), "channels"),
+                                       (PopulationNorm, torch.randn(2, 3, 4, 4), "2-D or 3-D"),
+                                       (PopulationNorm, torch.randn(3), "2-D or 3-D"),
+                                       (PopulationNorm2d, torch.randn(2, 3, 4), "4-D")])
+def test_shape_errors(cls, x, msg):
+    with pytest.raises(ValueError, match=msg): cls(3)(x)
+
+
+def test_bad_num_features():
+    with pytest.raises(ValueError, match="num_features"): PopulationNorm(0)
+
+
+def test_recalibration_exact_and_batch_independent():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), PopulationNorm(8), nn.ReLU(), nn.Linear(8, 8), PopulationNorm(8)).double()
+    x = torch.randn(200, 6, dtype=torch.float64) * 2 + 0.5
+    assert recalibrate_population_norm(net, x.split(33)) == 2
+    h1 = net[0](x); h2 = net[3](net[2](net[1](h1)))
+    for layer, h in [(net[1], h1), (net[4], h2)]:
+        torch.testing.assert_close(layer.running_mean, h.mean(0))
+        torch.testing.assert_close(layer.running_var, h.var(0, unbiased=False))
+        z = (h - h.mean(0)) / h.std(0, unbiased=False)
+        torch.testing.assert_close(layer.running_kurt, (z ** 4).mean(0) - 3)
+    net2 = copy.deepcopy(net); recalibrate_population_norm(net2, [(x, None)])  # tuples: first item is the input
+    for a, b in zip(net.modules(), net2.modules()):
+        if isinstance(a, PopulationNorm): torch.testing.assert_close(a.running_var, b.running_var)
+    assert net.training  # training mode restored
+    with pytest.raises(ValueError, match="at least one batch"): recalibrate_population_norm(net, [])
+
+
+def test_gamma_decay_gradient_is_analytic():
+    from fastai.learner import Learner
+    from fastai.optimizer import SGD
+    from fastai.callback.core import Callback, CancelStepException, CancelEpochException
+    from xwlearn.data import tensor_dls
+
+    class Grab(Callback):
+        order = 90
+        def before_step(self):
+            self.g = [m.weight.grad.clone() for m in self.learn.model.modules() if isinstance(m, PopulationNorm)]
+            raise CancelStepException
+        def after_batch(self):
+            if self.training and self.iter >= 1: raise CancelEpochException
+
+    def run(cbs):
+        torch.manual_seed(0)
+        x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+        dls = tensor_dls(x, y, x[:16], y[:16], bs=32, seed=0, device='cpu')
+        model = nn.Sequential(nn.Linear(5, 6), PopulationNorm(6), nn.ReLU(), nn.Linear(6, 3))
+        model[1].weight.data.uniform_(0.5, 2)
+        grab = Grab()
+        learn = Learner(dls, model, opt_func=SGD, lr=0.1, cbs=[PopulationRecalibration(every=10**6)] + cbs + [grab])
+        with learn.no_bar(), learn.no_logging(): learn.fit(1)
+        return grab.g[0], model[1]
+
+    g0, _ = run([])
+    gd = GammaDecay(curvature=0.7)
+    g1, layer = run([gd])
+    zeta = 0.7 * (layer.running_kurt.clamp_min(-2) + 6) / 8 / 32
+    torch.testing.assert_close(g1 - g0, 2 * zeta * layer.weight.detach())
+    gs = GammaDecay(curvature=0.7, kurtosis=False, bs=10)                     # the simple λ·Σγ²/M form
+    g2, layer = run([gs])
+    torch.testing.assert_close(g2 - g0, 2 * 0.7 / 10 * layer.weight.detach())
+    gf = GammaDecay('fisher')
+    g3, layer = run([gf])
+    torch.testing.assert_close(g3 - g0, 2 * gf.last_zeta[layer] * layer.weight.detach())
+    assert (gf.last_zeta[layer] > 0).all()
+    with pytest.raises(ValueError): GammaDecay('hessian')
+
+
+def test_decomposition_gaussian_matches_derivation():
+    h, t = bn_block_population('gauss', n=2**14)
+    (mu, se), = bn_pn_gap(h, t, 32, [2.0], n_batches=4000)
+    a, b, kappa = predicted_coeffs(h, t, 2.0, 0.2)
+    assert abs(kappa) < 0.1
+    assert abs(32 * mu - (2 * a + 4 * b)) < 4 * 32 * se + 0.03
+    with pytest.raises(ValueError): bn_block_population('cauchy')

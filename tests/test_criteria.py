@@ -1,0 +1,115 @@
+"""Pruning criteria (`xwlearn.prune.criteria`) against naive float64 numpy references, scipy, and error messages."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from scipy.optimize import minimize
+
+from xwlearn.prune.criteria import (CRITERIA, importance, weiszfeld, mardia, keep_mask, global_keep_masks, jaccard,
+                                    chi_cv, remove_filters, mnist1d_cnn_groups, resnet_groups, PruneFilters)
+from xwlearn.nets import mnist1d_cnn, cifar_resnet
+
+torch.set_num_threads(1)
+
+
+def naive(W, crit, med=None):
+    W = np.asarray(W, dtype=np.float64).reshape(len(W), -1); n = len(W)
+    if crit == 'l1': return np.array([sum(abs(v) for v in W[i]) for i in range(n)])
+    if crit == 'l2': return np.array([np.sqrt(sum(v * v for v in W[i])) for i in range(n)])
+    if crit == 'fpgm': return np.array([sum(np.sqrt(((W[i] - W[j]) ** 2).sum()) for j in range(n)) for i in range(n)])
+    if crit == 'fermat': return np.array([np.sqrt(((W[i] - med) ** 2).sum()) for i in range(n)])
+
+
+@pytest.mark.parametrize('shape', [(5, 3), (7, 2, 3), (6, 3, 3, 3), (5, 2, 1, 1)])
+@pytest.mark.parametrize('crit', ['l1', 'l2', 'fpgm', 'fermat'])
+def test_weight_criteria(shape, crit):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    F = w.reshape(shape[0], -1).numpy()
+    med = minimize(lambda y: np.linalg.norm(F - y, axis=1).sum(), F.mean(0), method='BFGS',
+                   options=dict(gtol=1e-10)).x if crit == 'fermat' else None
+    np.testing.assert_allclose(importance(w, crit).numpy(), naive(w.numpy(), crit, med), rtol=1e-5, atol=1e-6)
+    assert importance(w.float(), crit).dtype == torch.float32
+
+
+def test_weiszfeld_vs_scipy():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((9, 4)); X[:2] += 6
+    f = lambda y: np.linalg.norm(X - y, axis=1).sum()
+    y_s = minimize(f, X.mean(0), method='BFGS', options=dict(gtol=1e-10)).x
+    y_w = weiszfeld(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(y_w, y_s, atol=1e-5)
+    assert f(y_w) <= f(y_s) + 1e-9
+    # collinear odd count: median is the middle point
+    P = torch.tensor([[0., 0], [1, 0], [5, 0]], dtype=torch.float64)
+    np.testing.assert_allclose(weiszfeld(P).numpy(), [1, 0], atol=1e-6)
+
+
+def test_bn_and_taylor():
+    w = torch.randn(4, 3, 3)
+    g = torch.tensor([0.5, -2.0, 0.0, 1.0])
+    np.testing.assert_allclose(importance(w, 'bn', bn_weight=g).numpy(), np.abs(g.numpy()))
+    a, gr = torch.randn(8, 4, 5, 5, dtype=torch.float64), torch.randn(8, 4, 5, 5, dtype=torch.float64)
+    A, G = a.numpy(), gr.numpy()
+    ref = np.array([np.mean([abs(np.mean(A[b, c] * G[b, c])) for b in range(8)]) for c in range(4)])
+    np.testing.assert_allclose(importance(w, 'taylor', activation=a, grad=gr).numpy(), ref, rtol=1e-6)
+
+
+def test_errors():
+    w = torch.randn(4, 3, 3)
+    with pytest.raises(ValueError, match="unknown criterion 'l0'; valid: l1, l2, fpgm, fermat, bn, taylor"): importance(w, 'l0')
+    with pytest.raises(ValueError, match="rank ≥ 2"): importance(torch.randn(4), 'l1')
+    with pytest.raises(ValueError, match="bn_weight"): importance(w, 'bn')
+    with pytest.raises(ValueError, match="activation= and grad="): importance(w, 'taylor')
+    with pytest.raises(ValueError, match="same shape"): importance(w, 'taylor', activation=torch.ones(2, 4, 3), grad=torch.ones(2, 4, 2))
+    with pytest.raises(ValueError, match="ratio"): keep_mask(torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match="n=3, p=4"): mardia(np.ones((3, 4)))
+    with pytest.raises(ValueError, match="supports"): PruneFilters([], 'taylor')
+    assert set(CRITERIA) == {'l1', 'l2', 'fpgm', 'fermat', 'bn', 'taylor'}
+
+
+def test_mardia_vs_naive():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((30, 3)) @ np.array([[1, .5, 0], [0, 1, .3], [0, 0, 2.]])
+    n, p = x.shape; xb = x.mean(0); S = sum(np.outer(v - xb, v - xb) for v in x) / n; Si = np.linalg.inv(S)
+    m = np.array([[(x[i] - xb) @ Si @ (x[j] - xb) for j in range(n)] for i in range(n)])
+    b1, b2 = (m ** 3).sum() / n ** 2, (np.diag(m) ** 2).sum() / n
+    r = mardia(x)
+    np.testing.assert_allclose([r['b1'], r['b2']], [b1, b2], rtol=1e-10)
+    np.testing.assert_allclose(r['skew_stat'], n * b1 / 6); assert r['skew_df'] == 10
+    np.testing.assert_allclose(r['kurt_stat'], (b2 - 15) / np.sqrt(8 * 15 / n))
+
+
+def test_chi_cv():
+    d = np.array([4, 64, 1024])
+    np.testing.assert_allclose(chi_cv(d) * np.sqrt(2 * d), 1, atol=0.07)
+    z = np.linalg.norm(np.random.default_rng(0).standard_normal((50000, 16)), axis=1)
+    np.testing.assert_allclose(chi_cv(16), z.std() / z.mean(), rtol=0.02)
+
+
+def test_masks():
+    assert keep_mask(torch.tensor([3., 1, 2, 0]), 0.5).tolist() == [True, False, True, False]
+    assert keep_mask(torch.tensor([1., 2]), 0.9).tolist() == [False, True]          # at least one kept
+    m = global_keep_masks({'a': torch.tensor([10., 20]), 'b': torch.tensor([1., 2, 3])}, 0.6)
+    assert m['b'].tolist() == [False, False, True] and m['a'].tolist() == [False, True]
+    assert jaccard(torch.tensor([1, 1, 0]), torch.tensor([1, 1, 0])) == 1.0
+
+
+def test_remove_filters_sequential_and_resnet():
+    torch.manual_seed(0)
+    net = mnist1d_cnn(width=8).eval(); x = torch.randn(3, 1, 40)
+    groups = mnist1d_cnn_groups(net)
+    keeps = {c: keep_mask(importance(net.get_submodule(c).weight, 'l2'), 0.5) for c, _, _ in groups}
+    masked = mnist1d_cnn(width=8).eval(); masked.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        for c, b, _ in groups: masked.get_submodule(b).weight[~keeps[c]] = 0; masked.get_submodule(b).bias[~keeps[c]] = 0
+    ref = masked(x).detach()
+    orig = {c: net.get_submodule(c).weight.detach().clone() for c, _, _ in groups}
+    for c, b, n in groups: remove_filters(net, c, keeps[c], b, n)
+    for c, _, _ in groups: assert net.get_submodule(c).weight.shape[0] == 4
+    # the first conv's kept filters are unchanged (later convs also lose input channels)
+    torch.testing.assert_close(net.get_submodule('0').weight.detach(), orig['0'][keeps['0']])
+    torch.testing.assert_close(net(x).detach(), ref, atol=1e-5, rtol=1e-5)
+    r = cifar_resnet(20).eval()
+    for c, b, n in resnet_groups(r): remove_filters(r, c, keep_mask(importance(r.get_submodule(c).weight, 'fpgm'), 0.25), b, n)
+    assert r(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="keep must be"): remove_filters(r, 'blocks.0.conv1', torch.ones(3, dtype=torch.bool))
