@@ -121,3 +121,20 @@ def test_decomposition_gaussian_matches_derivation():
     assert abs(kappa) < 0.1
     assert abs(32 * mu - (2 * a + 4 * b)) < 4 * 32 * se + 0.03
     with pytest.raises(ValueError): bn_block_population('cauchy')
+
+
+def test_imagenet_recipe_builds(tmp_path):
+    "The ImageNet ResNet-18 recipe is registered and builds PN/BN models on an ImageFolder fixture."
+    import numpy as np
+    from xwlearn.data import write_imagefolder
+    from xwlearn.recipes import get_recipe
+    rng = np.random.default_rng(0)
+    ims, ys = rng.integers(0, 255, (8, 40, 40, 3), dtype=np.uint8), np.arange(8) % 2
+    for split in ('train', 'val'): write_imagefolder(tmp_path, ims, ys, ['a', 'b'], split=split)
+    r = get_recipe('bn_theory_imagenet_resnet18')
+    assert (r.paper, r.dataset, r.epochs) == ('bn_theory', 'imagenet', 90)
+    learn = r.fn(tmp_path, epochs=1, smoke=True)
+    assert sum(isinstance(m, PopulationNorm2d) for m in learn.model.modules()) == 20
+    bn = r.fn(tmp_path, epochs=1, smoke=True, norm='bn')
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in bn.model.modules()) == 20
+    with pytest.raises(ValueError, match="norm must be"): r.fn(tmp_path, epochs=1, smoke=True, norm='ln')

@@ -132,3 +132,20 @@ def test_precise_bn_restores_settings():
     layers = [m for m in net.modules() if isinstance(m, BatchKalmanNorm1d)]
     assert not net.training and all(l.group_size == 2 and l.p == 0.9 and l.momentum == 0.1 for l in layers)
     assert all(l.num_batches_tracked.item() == 5 for l in layers)
+
+
+def test_torchvision_resnet_conversion():
+    "torchvision ResNets: p=0 equals micro-batch BN group by group; links as documented; unsupported parts fail clearly."
+    import torchvision
+    torch.manual_seed(0)
+    r18 = torchvision.models.resnet18(weights=None, num_classes=5).double()
+    x = torch.randn(4, 3, 64, 64, dtype=D)
+    b0 = convert_bn_to_bkn(copy.deepcopy(r18), group_size=2, p=0.0)
+    torch.testing.assert_close(b0(x), torch.cat([r18(x[:2]), r18(x[2:])]), rtol=1e-8, atol=1e-8)
+    r50 = convert_bn_to_bkn(torchvision.models.resnet50(weights=None), group_size=4, p=0.9)
+    bkns = [m for m in r50.modules() if isinstance(m, BatchKalmanNorm2d)]
+    assert len(bkns) == 53 and sum(bool(m._link) for m in bkns) == 50
+    assert r50.layer3[1].bn1._link[0].branch is r50.layer3[0].bn3 and r50.layer3[1].bn1._link[0].shortcut is r50.layer3[0].downsample[1]
+    assert r50.layer3[0].downsample[1]._link[2] is r50.layer3[0].downsample[0]
+    with pytest.raises(TypeError, match="expected nn.BatchNorm2d"):
+        convert_bn_to_bkn(torchvision.models.resnet18(weights=None, norm_layer=lambda c: nn.GroupNorm(2, c)))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['standardize', 'predicted_coeffs', 'bn_block_population', 'bn_pn_gap', 'PopulationNorm', 'PopulationNorm2d',
            'recalibrate_population_norm', 'GammaDecay', 'PopulationRecalibration', 'max_stable_lr',
-           'bn_theory_reproduction', 'bn_theory_cifar10_resnet']
+           'bn_theory_reproduction', 'bn_theory_cifar10_resnet', 'bn_theory_imagenet_resnet18']
 
 # %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #e8207872
 from ..core import set_seed, set_cpu_threads, cpu_threads, reproduction, Measured
@@ -249,7 +249,7 @@ from fastai.callback.schedule import ParamScheduler
 from fastai.callback.progress import ProgressCallback  # also adds `Learner.no_bar`
 from fastai.losses import CrossEntropyLossFlat
 from fastprogress.fastprogress import progress_bar
-from ..data import mnist1d_dls, cifar10_dls
+from ..data import mnist1d_dls, cifar10_dls, imagenet_dls
 from ..recipes import recipe, step_schedule
 
 # %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #184c1c59
@@ -423,6 +423,25 @@ def bn_theory_cifar10_resnet(data:Path, epochs:int=182, smoke:bool=False, norm:s
     dls = cifar10_dls(data, augment=True, **kw)
     model = cifar_resnet(depth, n_classes=len(dls.vocab), norm=nn.BatchNorm2d if norm == 'bn' else PopulationNorm2d)
     cbs = [ParamScheduler({'lr': step_schedule(0.1, [epochs * 100 / 182, epochs * 150 / 182], epochs, warmup=min(1, epochs / 2))})]
+    if norm != 'bn': cbs.append(PopulationRecalibration(every=2 if smoke else 20, n_batches=2 if smoke else 8))
+    if norm == 'pn+gd': cbs.append(GammaDecay('fisher'))
+    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.9), lr=0.1, wd=1e-4,
+                   wd_bn_bias=True, metrics=accuracy, cbs=cbs)
+
+# %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #c9e3a5b1
+@recipe('bn_theory_imagenet_resnet18', paper='bn_theory', dataset='imagenet', epochs=90,
+        description="PN + explicit gamma decay on ImageNet, torchvision ResNet-18 (PopulationNorm2d recalibrated every 20 steps "
+                    "over 8 batches, GammaDecay('fisher')), 1 warm-up epoch; ASSUMED standard schedule: batch 256, SGD momentum 0.9, "
+                    "lr 0.1 ×0.1 at epochs 30/60/80 of 90, wd 1e-4 (all parameters), RandomResizedCrop 224 + flip")
+def bn_theory_imagenet_resnet18(data:Path, epochs:int=90, smoke:bool=False, norm:str='pn+gd') -> Learner:
+    "torchvision ResNet-18 on ImageNet with `norm` ∈ {'pn+gd', 'pn', 'bn'}; `smoke`: 32×32 crops, 4 images per class, batch 8."
+    import torchvision
+    if norm not in ('pn+gd', 'pn', 'bn'): raise ValueError(f"norm must be 'pn+gd', 'pn' or 'bn', got {norm!r}")
+    kw = dict(bs=8, size=32, num_workers=0, n_per_class=4, device='cpu') if smoke else dict(bs=256, size=224)
+    dls = imagenet_dls(data, **kw)
+    model = torchvision.models.resnet18(weights=None, num_classes=len(dls.vocab),
+                                        norm_layer=nn.BatchNorm2d if norm == 'bn' else PopulationNorm2d)
+    cbs = [ParamScheduler({'lr': step_schedule(0.1, [epochs * f for f in (30 / 90, 60 / 90, 80 / 90)], epochs, warmup=min(1, epochs / 2))})]
     if norm != 'bn': cbs.append(PopulationRecalibration(every=2 if smoke else 20, n_batches=2 if smoke else 8))
     if norm == 'pn+gd': cbs.append(GammaDecay('fisher'))
     return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.9), lr=0.1, wd=1e-4,

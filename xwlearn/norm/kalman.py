@@ -19,7 +19,7 @@ import torch.nn.functional as F
 __all__ = ['NORM_METHODS', 'relu_moments', 'predict_moments', 'grouped_moments', 'kalman_update', 'BatchKalmanNorm1d',
            'BatchKalmanNorm2d', 'convert_bn_to_bkn', 'precise_bn', 'bkn_splitter', 'mnist1d_norm_model',
            'train_mnist1d_norm', 'eval_train_stats', 'prediction_quality', 'batch_kalman_norm', 'piecewise_lr',
-           'bkn_cifar10_resnet_microbatch']
+           'bkn_cifar10_resnet_microbatch', 'bkn_imagenet_resnet50_microbatch']
 
 # %% ../../nbs/10_normalization/02_norm.kalman.ipynb #a4158a5d
 from ..core import set_seed, set_cpu_threads, reproduction, Measured
@@ -222,7 +222,55 @@ def _convert_cifar_resnet(model, kw):
         extra = blk.conv2.out_channels - blk.conv1.in_channels
         src = _ResidualEstimate(blk.bn2, src, extra)
 
-def convert_bn_to_bkn(model:nn.Module, # an nn.Sequential or an `xwlearn.nets.CifarResNet`, with nn.BatchNorm1d/2d layers
+def _is_tv_resnet(model) -> bool:
+    "Is `model` a torchvision `ResNet` (imported lazily: torchvision is only needed for it)?"
+    if type(model).__module__.split('.')[0] != 'torchvision': return False
+    from torchvision.models.resnet import ResNet
+    return isinstance(model, ResNet)
+
+def _tv_block_convs(blk, where):
+    "[(bn name, conv before it)] of a torchvision BasicBlock/Bottleneck, or a clear error."
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    if type(blk) not in (BasicBlock, Bottleneck):
+        raise TypeError(f"convert_bn_to_bkn: {where} is a {type(blk).__name__}; torchvision ResNets are supported with "
+                        "BasicBlock/Bottleneck blocks only")
+    n = 2 if type(blk) is BasicBlock else 3
+    pairs = [(f'bn{i}', getattr(blk, f'conv{i}')) for i in range(1, n + 1)]
+    for b, _ in pairs:
+        if type(getattr(blk, b)) is not nn.BatchNorm2d:
+            raise TypeError(f"convert_bn_to_bkn: {where}.{b} is a {type(getattr(blk, b)).__name__}, expected nn.BatchNorm2d "
+                            "(build the ResNet with the default norm_layer)")
+    ds = blk.downsample
+    if ds is not None and not (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)
+                               and type(ds[1]) is nn.BatchNorm2d):
+        raise TypeError(f"convert_bn_to_bkn: {where}.downsample must be nn.Sequential(nn.Conv2d, nn.BatchNorm2d), got {ds!r}")
+    return pairs
+
+def _convert_tv_resnet(model, kw):
+    """torchvision ResNet: the stem BN and the first block (behind the max-pool) are unlinked; inside a block each BN predicts
+    through ReLU and its conv from the previous BN; a block's input estimate is the sum of the previous block's last BN and
+    its shortcut's estimate (the downsample BN, predicted through ReLU and the 1×1 conv from the block input, or the identity)."""
+    if type(model.bn1) is not nn.BatchNorm2d:
+        raise TypeError(f"convert_bn_to_bkn: the stem norm is a {type(model.bn1).__name__}, expected nn.BatchNorm2d")
+    model.bn1 = _bkn_from_bn(model.bn1, **kw)
+    src = None                                          # the max-pool after the stem has no moment prediction: unlinked
+    for li in range(1, 5):
+        for bi, blk in enumerate(getattr(model, f'layer{li}')):
+            pairs, prev = _tv_block_convs(blk, f'layer{li}[{bi}]'), src
+            for b, conv in pairs:
+                new = _bkn_from_bn(getattr(blk, b), **kw); setattr(blk, b, new)
+                if prev is not None: new.link(prev, nn.ReLU(), conv)
+                prev = new
+            if blk.downsample is not None:
+                blk.downsample[1] = _bkn_from_bn(blk.downsample[1], **kw)
+                if src is not None: blk.downsample[1].link(src, nn.ReLU(), blk.downsample[0])
+                short = blk.downsample[1]
+            else: short = src
+            src = _ResidualEstimate(prev, short, 0) if short is not None else None
+    left = [n for n, m in model.named_modules() if isinstance(m, _BN_TYPES)]
+    if left: raise TypeError(f"convert_bn_to_bkn: BatchNorm layers outside the ResNet blocks are not supported: {left}")
+
+def convert_bn_to_bkn(model:nn.Module, # an nn.Sequential, an `xwlearn.nets.CifarResNet` or a torchvision ResNet, with nn.BatchNorm1d/2d layers
                       group_size:int|None=None, # samples per micro-batch for every layer; None: the whole batch
                       p:float=0.9, # gain of the prediction; 0: micro-batch BN
                       mc_samples:int=64, # Monte-Carlo positions per group; 0: the closed-form prediction
@@ -231,8 +279,9 @@ def convert_bn_to_bkn(model:nn.Module, # an nn.Sequential or an `xwlearn.nets.Ci
     "Replace the BatchNorm layers of `model` (in place) by linked Batch Kalman Normalization layers; returns `model`."
     kw = dict(group_size=group_size, p=p, mc_samples=mc_samples, fallback_ratio=fallback_ratio)
     if isinstance(model, CifarResNet): _convert_cifar_resnet(model, kw)
+    elif _is_tv_resnet(model): _convert_tv_resnet(model, kw)
     elif isinstance(model, nn.Sequential): _convert_sequential(model, kw)
-    else: raise TypeError(f"convert_bn_to_bkn supports nn.Sequential and xwlearn.nets.CifarResNet models, got {type(model).__name__}: "
+    else: raise TypeError(f"convert_bn_to_bkn supports nn.Sequential, xwlearn.nets.CifarResNet and torchvision ResNet models, got {type(model).__name__}: "
                           "link the layers yourself with `BatchKalmanNorm1d/2d.link(previous_layer, activation, weight_layer)`")
     return model
 
@@ -416,7 +465,7 @@ def batch_kalman_norm(out_dir:Path, test:bool=False) -> Measured:
 
 # %% ../../nbs/10_normalization/02_norm.kalman.ipynb #58ae7691
 from fastai.losses import CrossEntropyLossFlat
-from ..data import cifar10_dls
+from ..data import cifar10_dls, imagenet_dls
 
 # %% ../../nbs/10_normalization/02_norm.kalman.ipynb #233bbca6
 def piecewise_lr(lrs:list, # learning rate in each phase
@@ -440,3 +489,24 @@ def bkn_cifar10_resnet_microbatch(data:Path, epochs:int=400, smoke:bool=False) -
     return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, lr=0.1, wd=[2e-4, 0.0], splitter=bkn_splitter,
                    opt_func=partial(SGD, mom=0.9, decouple_wd=False),
                    cbs=ParamScheduler({'lr': piecewise_lr([0.1, 0.01, 1e-3, 2e-4], ms, epochs)}))
+
+# %% ../../nbs/10_normalization/02_norm.kalman.ipynb #b8d2f4a1
+@recipe('bkn_imagenet_resnet50_microbatch', paper='kalman', dataset='imagenet', epochs=90,
+        description="Batch Kalman Normalization (p 0.9, MC prediction) in torchvision ResNet-50 on ImageNet, statistics over "
+                    "micro-batches of 4 (paper); ASSUMED: batch 256 = 64 groups, SGD momentum 0.9, lr 0.1 ×0.1 at epochs "
+                    "30/60/80 of 90, wd 1e-4 on conv/linear weights, RandomResizedCrop 224 + flip")
+def bkn_imagenet_resnet50_microbatch(data:Path, epochs:int=90, smoke:bool=False,
+                                     bs:int=256, # global batch (a multiple of `micro`); lr = 0.1·bs/256
+                                     micro:int=4, # samples per statistics group
+                                    ) -> Learner:
+    "ResNet-50 + BKN on ImageNet with micro-batches of `micro`; `smoke`: 32×32 crops, 4 images per class, batch 8 on the CPU."
+    import torchvision
+    if bs % micro: raise ValueError(f"bs={bs} must be a multiple of micro={micro}")
+    kw = dict(bs=8, size=32, num_workers=0, n_per_class=4, device='cpu') if smoke else dict(bs=bs, size=224)
+    dls = imagenet_dls(data, **kw)
+    model = convert_bn_to_bkn(torchvision.models.resnet50(weights=None, num_classes=len(dls.vocab)),
+                              group_size=micro, p=0.9, mc_samples=64)
+    lr = 0.1 * kw['bs'] / 256
+    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, lr=lr, wd=[1e-4, 0.0], splitter=bkn_splitter,
+                   opt_func=partial(SGD, mom=0.9, decouple_wd=False),
+                   cbs=ParamScheduler({'lr': step_schedule(lr, [epochs * f for f in (30 / 90, 60 / 90, 80 / 90)], epochs)}))
