@@ -20,14 +20,20 @@ def test_unknown_keys_are_clear_errors():
     r = run("train", "nope", "--data", ".")
     assert r.returncode == 2 and "unknown recipe 'nope'" in r.stderr
 
-def test_reproduce_test_scale_writes_report(tmp_path):
-    r = run("reproduce", "adax", "--test", "--out", str(tmp_path))
+def test_reproduce_all_test_scale_writes_report(tmp_path):
+    "Every registered reproduction runs from the command line (outside its notebook) and lands in the report."
+    r = run("reproduce", "all", "--test", "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     md = (tmp_path/"claims.md").read_text()
     assert "AdaX" in md and "TEST SCALE" in md
-    claims = json.loads((tmp_path/"claims.json").read_text())
-    assert claims[0]["key"] == "adax" and claims[0]["verdict"] in ("reproduced", "partly", "not at this scale")
-    for p in claims[0]["plots"]: assert (tmp_path/p).exists()
+    claims = {c["key"]: c for c in json.loads((tmp_path/"claims.json").read_text())}
+    from xwlearn.core import PAPERS, REPRODUCTIONS
+    for p in PAPERS.values():
+        if p.implemented(): p.load()
+    assert set(claims) == set(REPRODUCTIONS), (sorted(claims), sorted(REPRODUCTIONS))
+    for c in claims.values():
+        assert c["verdict"] in ("reproduced", "partly", "not at this scale") and c["measured"]
+        for p in c["plots"]: assert (tmp_path/p).exists(), p
 
 def test_bench_skips_without_gpu():
     import torch

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastai.data.core import DataLoaders
 from torch import nn, Tensor
 import torch.nn.functional as F
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import matplotlib.pyplot as plt
 from torch import nn, Tensor
 import torch.nn.functional as F
 
