@@ -451,8 +451,11 @@ def cifar10_dls(path, # root holding cifar-10-batches-py/ (or that folder itself
                 num_workers:int=0, # kept for API symmetry; data are in memory
                 seed:int=0, size:int=32, # resize on the device when != 32
                 n_train:int|None=None, n_valid:int|None=None, # keep only the first n images (smoke tests)
-                stats=CIFAR10_STATS, device=None, **kwargs) -> DataLoaders:
+                stats=CIFAR10_STATS, device=None,
+                smoke:bool=False, # a seconds-long CPU check for recipes: first 64 train / 32 test images, batch 16, CPU
+                **kwargs) -> DataLoaders:
     "CIFAR-10 (python version) as fast `DataLoaders`: uint8 tensors in memory, augmentation and normalisation on the device; valid = test_batch."
+    if smoke: bs, n_train, n_valid, device = 16, 64, 32, 'cpu'
     d = read_cifar10(path)
     x, y, xv, yv = d['x'][:n_train], d['y'][:n_train], d['x_test'][:n_valid], d['y_test'][:n_valid]
     rs = None if size == 32 else size

@@ -304,8 +304,7 @@ def wiring_reproduction(out_dir:Path, test:bool=False) -> Measured:
 def wiring_cifar10_dsnas_search(data:Path, epochs:int=150, smoke:bool=False) -> Learner:
     "The official DSNAS search setting with cost recording; `smoke`: 64 images, batch 16, 2 cells of C=4."
     from fastai.callback.schedule import ParamScheduler, SchedCos
-    kw = dict(bs=16, n_train=64, n_valid=32, device='cpu') if smoke else dict(bs=96)
-    dls = cifar10_dls(data, augment=True, **kw)
+    dls = cifar10_dls(data, bs=96, augment=True, smoke=smoke)
     return search_learner(dls, 'dsnas', C=4 if smoke else 16, n_cells=2 if smoke else 8, n_nodes=4, lr=0.025,
                           arch_lr=3e-4, wd=3e-4, arch_wd=1e-3, in_ch=3, dim=2,
                           cbs=[ParamScheduler({'lr': SchedCos(0.025, 0.001)})])

@@ -420,8 +420,7 @@ def bn_theory_reproduction(out_dir:Path, test:bool=False) -> Measured:
 def bn_theory_cifar10_resnet(data:Path, epochs:int=182, smoke:bool=False, norm:str='pn+gd', depth:int=20) -> Learner:
     "ResNet on CIFAR-10 with `norm` ∈ {'pn+gd', 'pn', 'bn'}; `smoke`: 64 images, batch 16, recalibration over 2 batches."
     if norm not in ('pn+gd', 'pn', 'bn'): raise ValueError(f"norm must be 'pn+gd', 'pn' or 'bn', got {norm!r}")
-    kw = dict(bs=16, n_train=64, n_valid=32, device='cpu') if smoke else dict(bs=128)
-    dls = cifar10_dls(data, augment=True, **kw)
+    dls = cifar10_dls(data, bs=128, augment=True, smoke=smoke)
     model = cifar_resnet(depth, n_classes=len(dls.vocab), norm=nn.BatchNorm2d if norm == 'bn' else PopulationNorm2d)
     cbs = [ParamScheduler({'lr': step_schedule(0.1, [epochs * 100 / 182, epochs * 150 / 182], epochs, warmup=min(1, epochs / 2))})]
     if norm != 'bn': cbs.append(PopulationRecalibration(every=2 if smoke else 20, n_batches=2 if smoke else 8))

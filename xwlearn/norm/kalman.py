@@ -482,8 +482,7 @@ def piecewise_lr(lrs:list, # learning rate in each phase
                     "weights, crop + flip — the official cifar-kn-microbatch setting (other --epochs: same fractions)")
 def bkn_cifar10_resnet_microbatch(data:Path, epochs:int=400, smoke:bool=False) -> Learner:
     "The official CIFAR-10 micro-batch BKN run; `smoke`: 64 images, batch 16 (8 groups of 2)."
-    kw = dict(bs=16, n_train=64, n_valid=32, device='cpu') if smoke else dict(bs=128)
-    dls = cifar10_dls(data, augment=True, **kw)
+    dls = cifar10_dls(data, bs=128, augment=True, smoke=smoke)
     model = convert_bn_to_bkn(cifar_resnet(32, len(dls.vocab)), group_size=2, p=0.9, mc_samples=64)
     ms = [m * epochs / 400 for m in (81, 122, 299)]
     return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, lr=0.1, wd=[2e-4, 0.0], splitter=bkn_splitter,

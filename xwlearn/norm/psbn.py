@@ -257,8 +257,7 @@ from ..data import cifar10_dls
 
 # %% ../../nbs/10_normalization/03_norm.psbn.ipynb #0f9e7d36
 def _cifar_learner(data:Path, epochs:int, smoke:bool, norm) -> Learner:
-    kw = dict(bs=16, n_train=64, n_valid=32, device='cpu') if smoke else dict(bs=128)
-    dls = cifar10_dls(data, augment=True, **kw)
+    dls = cifar10_dls(data, bs=128, augment=True, smoke=smoke)
     model = cifar_resnet(20 if smoke else 56, n_classes=len(dls.vocab), norm=norm)
     ms = [82, 123] if epochs == 164 else [epochs * 82 / 164, epochs * 123 / 164]
     return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, lr=0.1, wd_bn_bias=True,

@@ -363,8 +363,7 @@ def _adaxw_learner(dls, model, lr, wd, epochs, milestones):
                     "(with --epochs N the drops move to the same fractions of N)")
 def adax_cifar10_resnet20(data:Path, epochs:int=182, smoke:bool=False) -> Learner:
     "The paper's CIFAR-10 ResNet-20 run with AdaX-W; `smoke`: 64 images, batch 16."
-    kw = dict(bs=16, n_train=64, n_valid=32, device='cpu') if smoke else dict(bs=128)
-    dls = cifar10_dls(data, stats=ADAX_CIFAR_STATS, augment=True, **kw)
+    dls = cifar10_dls(data, bs=128, stats=ADAX_CIFAR_STATS, augment=True, smoke=smoke)
     ms = [100, 150] if epochs == 182 else [epochs * 100 / 182, epochs * 150 / 182]  # other --epochs: same fractions
     return _adaxw_learner(dls, resnet20(len(dls.vocab)), lr=5e-3, wd=5e-2, epochs=epochs, milestones=ms)
 

@@ -420,6 +420,5 @@ def cwda_prune_learner(dls, depth:int=56, criterion:str='l1', ratio:float=0.4, e
                     "schedule assumed; with --epochs N the switch is at 80 % of N")
 def cwda_cifar10_resnet56_prune(data:Path, epochs:int=200, smoke:bool=False) -> Learner:
     "The CIFAR-10 ResNet-56 prune-and-fine-tune run; `smoke`: ResNet-20, 64 images, batch 16."
-    kw = dict(bs=16, n_train=64, n_valid=32, device='cpu') if smoke else dict(bs=128)
-    dls = cifar10_dls(data, augment=True, **kw)
+    dls = cifar10_dls(data, bs=128, augment=True, smoke=smoke)
     return cwda_prune_learner(dls, depth=20 if smoke else 56, epochs=epochs, prune_at=160 if epochs == 200 else max(1, int(0.8 * epochs)))
