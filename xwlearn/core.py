@@ -172,7 +172,7 @@ PAPERS: dict[str, Paper] = {p.key: p for p in [
        "2211.15069", "https://github.com/SJTU-ViSYS/FeatureBooster", _M, "01_matching.featurebooster.ipynb",
        "xwlearn.matching.featurebooster"),
     _p("relay_attention", "RelayAttention for Efficient Large Language Model Serving with Long System Prompts", 2024,
-       "2402.14808", "https://github.com/rayleizhu/vllm-ra", _L, "01_llm.relay.ipynb", "xwlearn.llm.relay"),
+       "2402.14808", "https://github.com/rayleizhu/vllm-ra", _L, "01_llm.relay_attention.ipynb", "xwlearn.llm.relay"),
     _p("mage", "Beyond Semantic Organization: Memory as Execution State Management for Long-Horizon Agents", 2026,
        "2606.06090", "", _L, "10_agents.mage.ipynb", "xwlearn.agents.mage"),
 ]}

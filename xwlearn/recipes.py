@@ -20,7 +20,7 @@ from fastai.callback.core import Callback, CancelEpochException
 from fastcore.basics import noop
 
 # %% auto #0
-__all__ = ['RECIPES', 'Recipe', 'recipe', 'get_recipe', 'atomic_save', 'to_plain', 'rng_state', 'set_rng_state',
+__all__ = ['RECIPE_KINDS', 'RECIPES', 'Recipe', 'recipe', 'get_recipe', 'atomic_save', 'to_plain', 'rng_state', 'set_rng_state',
            'CheckpointCallback', 'SkipFinishedEpochs', 'train', 'step_schedule', 'smoke_cifar10']
 
 # %% ../nbs/00_core/03_recipes.ipynb #7ad0a4b9
@@ -29,6 +29,9 @@ class Recipe:
     "A registered full training recipe."
     name: str; paper: str|None; dataset: str; epochs: int; description: str; fn: Callable
     smoke_epochs: int = 1
+    kind: str = "train"  # "train": `fn -> Learner`; "run": a measurement (serving benchmark, agent evaluation) `fn -> dict`
+
+RECIPE_KINDS = ("train", "run")
 
 RECIPES: dict[str, Recipe] = {}
 
@@ -38,11 +41,13 @@ def recipe(name:str, # the name `xwlearn train NAME` takes
            epochs:int, # the paper's number of epochs
            description:str="", # one line: model, data, schedule
            smoke_epochs:int=1, # epochs for `--smoke` when `--epochs` is not given
+           kind:str="train", # "train" (`fn -> Learner`) or "run" (`fn(data, epochs, smoke, out_dir) -> dict` of results)
           ):
-    "Decorator registering `fn(data:Path, epochs:int, smoke:bool=False) -> Learner` as recipe `name`."
+    "Decorator registering `fn(data:Path, epochs:int, smoke:bool=False) -> Learner` (or a `kind='run'` measurement) as recipe `name`."
     if paper is not None: get_paper(paper)
+    if kind not in RECIPE_KINDS: raise ValueError(f"kind must be one of {RECIPE_KINDS}, got {kind!r}")
     def deco(fn):
-        RECIPES[name] = Recipe(name, paper, dataset, epochs, description or (fn.__doc__ or "").strip(), fn, smoke_epochs)
+        RECIPES[name] = Recipe(name, paper, dataset, epochs, description or (fn.__doc__ or "").strip(), fn, smoke_epochs, kind)
         return fn
     return deco
 
@@ -105,7 +110,8 @@ class CheckpointCallback(Callback):
     def after_epoch(self):
         if not (self._trained and is_main_process()): return  # skipped (resumed) epochs and ranks > 0 write nothing
         model = getattr(self.learn.model, "module", self.learn.model)
-        atomic_save(dict(epoch=self.epoch, n_epoch=self.n_epoch, meta=self.meta, model=model.state_dict(),
+        cbs = {type(cb).__name__: to_plain(cb.checkpoint_state()) for cb in self.learn.cbs if hasattr(cb, "checkpoint_state")}
+        atomic_save(dict(epoch=self.epoch, n_epoch=self.n_epoch, meta=self.meta, model=model.state_dict(), cbs=cbs,
                          opt=to_plain(self.learn.opt.state_dict()), rng=rng_state(),
                          history=self.history + [[float(v) for v in row] for row in self.learn.recorder.values if len(row)],
                          metric_names=[str(n) for n in self.learn.recorder.metric_names[1:-1]]), self.last)
@@ -121,6 +127,9 @@ class CheckpointCallback(Callback):
         ck = torch.load(self.last, map_location="cpu", weights_only=True)
         if self.meta.get("recipe") and ck["meta"].get("recipe") not in (None, self.meta["recipe"]):
             raise ValueError(f"--resume: {self.last} belongs to recipe {ck['meta'].get('recipe')!r}, not {self.meta['recipe']!r}")
+        for cb in learn.cbs:  # callbacks that change the model (pruning, growing) restore their state first
+            name = type(cb).__name__
+            if hasattr(cb, "load_checkpoint_state") and name in ck.get("cbs", {}): cb.load_checkpoint_state(ck["cbs"][name])
         learn.model.load_state_dict(ck["model"])
         if learn.opt is None: learn.create_opt()
         learn.opt.load_state_dict(ck["opt"])
@@ -151,8 +160,8 @@ def train(name:str, # a registered recipe
           seed:int=0, # seed for model init and data order (the same on every rank)
           audit:str|Path|None=None, # write per-rank data/parameter audits here (see `DistributedAudit`)
           quiet:bool=False, # no progress bars or epoch table
-         ) -> Learner:
-    "Run recipe `name` on `data`; checkpoints go to `out_dir`. Returns the trained `Learner`."
+         ) -> Learner|dict:
+    "Run recipe `name` on `data`; checkpoints go to `out_dir`. Returns the trained `Learner` (a `kind='run'` recipe: its results dict)."
     r = get_recipe(name)
     if epochs is None: epochs = r.smoke_epochs if smoke else r.epochs
     if not isinstance(epochs, int) or epochs < 1: raise ValueError(f"epochs must be a positive int, got {epochs!r}")
@@ -160,6 +169,7 @@ def train(name:str, # a registered recipe
     elif "LOCAL_RANK" in os.environ: torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process, before any loader picks a device
     out_dir = Path(out_dir or Path("runs")/name)
     set_seed(seed)
+    if r.kind == "run": return _run_measurement(r, Path(data), epochs, smoke, out_dir)
     learn = r.fn(Path(data), epochs=epochs, smoke=smoke)
     if not isinstance(learn, Learner): raise TypeError(f"recipe {name!r} returned {type(learn).__name__}, expected a fastai Learner")
     ckpt = CheckpointCallback(out_dir, meta=dict(recipe=name, epochs=epochs, smoke=smoke, seed=seed))
@@ -173,6 +183,17 @@ def train(name:str, # a registered recipe
         with learn.no_bar(), learn.no_logging(): learn.fit(epochs, cbs=cbs)
     else: learn.fit(epochs, cbs=cbs)
     return learn
+
+def _run_measurement(r:Recipe, data:Path, epochs:int, smoke:bool, out_dir:Path) -> dict:
+    "A `kind='run'` recipe: call it, write its results to `out_dir/results.json` atomically, return them."
+    res = r.fn(data, epochs=epochs, smoke=smoke, out_dir=out_dir)
+    if not isinstance(res, dict): raise TypeError(f"recipe {r.name!r} (kind='run') returned {type(res).__name__}, expected a dict")
+    if is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir/f".results.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(dict(recipe=r.name, smoke=smoke, epochs=epochs, results=res), indent=1, default=str))
+        os.replace(tmp, out_dir/"results.json")
+    return res
 
 # %% ../nbs/00_core/03_recipes.ipynb #cd095450
 def step_schedule(lr:float, # the initial learning rate
