@@ -39,13 +39,15 @@ def print_result(name, r):
     if r.get("target"): print(f"   target: {r['target']}")
     rows = r.get("rows", {})
     names = list(rows)
+    print("   (speed-up vs P = P's time / this row's time; > 1: this row is faster)")
     for peer in names:
         row = rows[peer]
         if "ms" not in row or row["ms"] is None:
             print(f"  {peer:<40} {row.get('error', 'not run')}"); continue
         extra = "".join(f"  {k}={v:.3g}" if isinstance(v, float) else f"  {k}={v}" for k, v in row.items() if k != "ms")
-        ratios = "  ".join(f"{rows[o]['ms'] / row['ms']:.2f}x vs {o}" for o in names
-                           if o != peer and rows[o].get("ms"))
+        case = peer.split(" | ")[0] if " | " in peer else None  # rows named '<case> | <peer>' compare within a case
+        ratios = "  ".join(f"speed-up {rows[o]['ms'] / row['ms']:.2f} vs {o.split(' | ')[-1]}" for o in names
+                           if o != peer and rows[o].get("ms") and (case is None or o.startswith(case + " | ")))
         print(f"  {peer:<40} {row['ms']:9.4f} ms{extra}\n  {'':<40} {ratios}")
     for k, v in r.items():
         if k not in ("shape", "target", "rows"): print(f"   {k}: {v}")
