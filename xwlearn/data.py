@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
+import xwlearn.core  # before fastai: it silences fastai's torch.jit FutureWarning
 from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
 from fastai.torch_core import default_device
@@ -54,6 +55,11 @@ class SeededDL(DataLoader):
         super().before_iter()
         self.epoch += 1
         if hasattr(self.dataset, 'set_epoch'): self.dataset.set_epoch(self.epoch)
+    def skip_epoch(self):
+        "Advance the epoch and every RNG exactly as one pass would, loading nothing (a resumed run's finished epochs)."
+        self.randomize(); self.before_iter(); self._DataLoader__idxs = self.get_idxs()  # what `__iter__` does first
+        if self.fake_l.generator is not None:  # torch's iterator draws its worker base seed from the generator
+            torch.empty((), dtype=torch.int64).random_(generator=self.fake_l.generator)
 
 class TensorDL(SeededDL):
     "A `SeededDL` over a `TensorDS` that gathers each batch with one indexing op per tensor (no per-item Python)."

@@ -140,11 +140,13 @@ class CheckpointCallback(Callback):
 
 # %% ../nbs/00_core/03_recipes.ipynb #d0778506
 class SkipFinishedEpochs(Callback):
-    "Skip the epochs before `start` (finished by an earlier run) without logging empty rows."
+    "Skip the epochs before `start` (finished by an earlier run) without logging empty rows; loaders advance as if they had run."
     order = 70
     def __init__(self, start:int): self.start = start
     def before_epoch(self):
         if self.epoch < self.start:
+            for dl in (self.dls.train, self.dls.valid):  # keep the data order of an uninterrupted run
+                if hasattr(dl, "skip_epoch"): dl.skip_epoch()
             self._logger, self.learn.logger = self.learn.logger, noop
             raise CancelEpochException
     def after_epoch(self):
