@@ -113,3 +113,38 @@ def test_remove_filters_sequential_and_resnet():
     for c, b, n in resnet_groups(r): remove_filters(r, c, keep_mask(importance(r.get_submodule(c).weight, 'fpgm'), 0.25), b, n)
     assert r(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="keep must be"): remove_filters(r, 'blocks.0.conv1', torch.ones(3, dtype=torch.bool))
+
+
+def test_henze_zirkler_closed_form_equals_integral():
+    "p = 1: the closed form equals n ∫ |ψ_n(t) − e^{−t²/2}|² φ_β(t) dt by quadrature."
+    from scipy.integrate import quad
+    from xwlearn.prune.criteria import henze_zirkler
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((30, 1)) * 2 + 1
+    h = henze_zirkler(x); b = h['beta']
+    y = ((x - x.mean()) / x.std())[:, 0]
+    f = lambda t: abs(np.exp(1j * t * y).mean() - np.exp(-t * t / 2)) ** 2 * np.exp(-t * t / (2 * b * b)) / np.sqrt(2 * np.pi * b * b)
+    np.testing.assert_allclose(h['stat'], 30 * quad(f, -np.inf, np.inf, limit=200)[0], rtol=1e-6)
+    np.testing.assert_allclose(b, ((3 * 30 / 4) ** (1 / 5)) / np.sqrt(2))
+
+
+def test_henze_zirkler_null_and_power():
+    from xwlearn.prune.criteria import henze_zirkler
+    rng = np.random.default_rng(4)
+    T = np.array([henze_zirkler(rng.standard_normal((40, 2)))['stat'] for _ in range(300)])
+    r = henze_zirkler(rng.standard_normal((40, 2)))
+    assert abs(T.mean() - r['null_mean']) < 0.05 * r['null_mean']
+    assert henze_zirkler(rng.exponential(size=(300, 2)))['p'] < 1e-6
+    affine = rng.standard_normal((50, 3)); A = np.array([[2., .3, 0], [0, 1, .5], [0, 0, 3]])
+    np.testing.assert_allclose(henze_zirkler(affine @ A + 5)['stat'], henze_zirkler(affine)['stat'], rtol=1e-8)  # affine invariant
+    with pytest.raises(ValueError, match="n=3, p=5"): henze_zirkler(np.ones((3, 5)))
+
+
+def test_gaussianity_2d_kernels_and_score_groups():
+    from xwlearn.prune.criteria import gaussianity, resnet_score_groups
+    g = gaussianity(torch.randn(32, 16, 3, 3, generator=torch.Generator().manual_seed(0)), max_taps=300)
+    assert g['k'] == 9 and g['n_taps'] == 300 and g['d'] == 144 and g['hz_taps'] is not None
+    net = cifar_resnet(8)
+    groups = resnet_score_groups(net)
+    assert groups[0] == ('stem.0', 'stem.1', None) and len(groups) == 7
+    assert all(isinstance(net.get_submodule(c), nn.Conv2d) and isinstance(net.get_submodule(b), nn.BatchNorm2d) for c, b, _ in groups)

@@ -43,3 +43,98 @@ def test_criteria_and_step():
     for c in ('memory', 'flops', 'none', 'l1'):
         gf = GroupFisher(net, x, c); f0 = gf.flops(); i = gf.step()
         assert not gf.alive[i] and gf.flops() < f0; gf.remove()
+
+
+# --- concatenation grouping ------------------------------------------------------------------------
+class _Cat(torch.nn.Module):
+    "Two producers (4 and 5 channels) whose outputs are concatenated and read by one consumer conv."
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(3, 5, 1)
+        self.c = torch.nn.Conv2d(9, 6, 3, padding=1)
+        self.head = torch.nn.Linear(6, 2)
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+        return self.head(F.adaptive_avg_pool2d(F.relu(self.c(y)), 1).flatten(1))
+
+
+def test_concat_grouping_and_removal():
+    torch.manual_seed(0); net = _Cat().eval(); x = torch.randn(2, 3, 8, 8)
+    g = trace_groups(net, x)
+    pa, pb, cc = g.producers['a'], g.producers['b'], g.consumers['c']
+    assert (pa >= 0).all() and (pb >= 0).all()
+    assert torch.equal(cc[:4], pa) and torch.equal(cc[4:], pb)          # c's inputs split into a's and b's groups
+    assert len(set(pa.tolist()) | set(pb.tolist())) == 9                # one group per channel, none shared
+    gf = GroupFisher(net, x)
+    for k in (pa[1], pa[3], pb[0], pb[4]): gf.prune_group(int(k))
+    with torch.no_grad(): y0 = net(x); pm = prune_model(gf); y1 = pm(x)
+    assert (pm.a.out_channels, pm.b.out_channels, pm.c.in_channels) == (2, 3, 5)
+    assert torch.allclose(y0, y1, atol=1e-5)                            # pruned model == masked model
+
+
+# --- resuming a run mid-pruning --------------------------------------------------------------------
+from pathlib import Path
+from fastai.callback.core import Callback
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.optimizer import SGD
+from xwlearn import recipes
+from xwlearn.recipes import recipe, train
+from xwlearn.data import TensorDS, TensorDL
+from xwlearn.prune.group_fisher import GroupFisherPruning
+
+_KILL_AT = {'epoch': None}
+
+class _Kill(Callback):
+    "Simulates a crash at the start of an epoch (after the previous epoch's checkpoint was written)."
+    order = 100
+    def before_epoch(self):
+        if _KILL_AT['epoch'] is not None and self.epoch == _KILL_AT['epoch']: raise RuntimeError('killed')
+
+
+def _gfp_test_resume(data, epochs, smoke=False):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 1, 8, 8, generator=g), torch.randint(0, 10, (48,), generator=g)
+    ds = TensorDS(x, y, vocab=[str(i) for i in range(10)])
+    dls = DataLoaders(TensorDL(ds, bs=8, shuffle=False), TensorDL(TensorDS(x[:16], y[:16]), bs=8), device='cpu')
+    net = small_resnet_dw()
+    gf = GroupFisher(net, x[:2])
+    cb = GroupFisherPruning(gf, interval=4, target=0.6, prune_lr=0.01, ft_lr=0.01, remove_at_end=True)
+    return Learner(dls, net, torch.nn.CrossEntropyLoss(), opt_func=SGD, lr=0.01, cbs=[cb, _Kill()])
+
+
+def test_resume_mid_pruning(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipes, 'RECIPES', dict(recipes.RECIPES))   # the test recipe stays out of the global registry
+    recipe('gfp_test_resume', paper='group_fisher', dataset='cifar10', epochs=3, smoke_epochs=3,
+           description='test only: small residual net on fixed random data, pruning across epochs')(_gfp_test_resume)
+    _KILL_AT['epoch'] = None
+    full = train('gfp_test_resume', tmp_path, smoke=True, out_dir=tmp_path/'full', quiet=True)
+    cb_full = full.group_fisher_pruning
+    _KILL_AT['epoch'] = 1
+    with pytest.raises(RuntimeError, match='killed'):
+        train('gfp_test_resume', tmp_path, smoke=True, out_dir=tmp_path/'run', quiet=True)
+    ck = torch.load(tmp_path/'run'/'last.pth', weights_only=True)
+    assert ck['epoch'] == 0 and ck['cbs']['GroupFisherPruning']['count'] == 6   # killed mid-pruning, state saved
+    assert 0 < int((~ck['cbs']['GroupFisherPruning']['gf']['alive']).sum()) < int((~cb_full.gf.alive).sum())
+    _KILL_AT['epoch'] = None
+    res = train('gfp_test_resume', tmp_path, smoke=True, out_dir=tmp_path/'run', resume=True, quiet=True)
+    cb_res = res.group_fisher_pruning
+    assert cb_res.count == cb_full.count and cb_res.i0 == cb_full.i0
+    assert torch.equal(cb_res.gf.alive, cb_full.gf.alive)                                 # the same groups pruned
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes(res.model) == shapes(full.model) and shapes(full.model) != shapes(small_resnet_dw())
+    for (k, a), b in zip(full.model.state_dict().items(), res.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), k
+    pm = torch.load(tmp_path/'run'/'model.pth', weights_only=True)                         # model.pth is the pruned net
+    assert {k: tuple(v.shape) for k, v in pm.items()} == shapes(full.model)
+
+
+# --- the RetinaNet COCO recipe, smoke ----------------------------------------------------------------
+def test_gfp_coco_retinanet_smoke(tmp_path):
+    from xwlearn.detection.core import write_coco_shapes
+    write_coco_shapes(tmp_path/'coco', n_train=4, n_val=2, size=64, seed=0)
+    learn = train('gfp_coco_retinanet_r50', tmp_path/'coco', smoke=True, out_dir=tmp_path/'run', quiet=True)
+    cb = learn.group_fisher_pruning
+    assert not cb.pruning and cb.gf.flops() <= 0.9999 * cb.gf.flops0
+    assert count_flops(learn.model.detector.backbone, torch.zeros(1, 3, 64, 64)) == cb.gf.flops()
+    assert (tmp_path/'run'/'model.pth').exists() and (tmp_path/'run'/'last.pth').exists()

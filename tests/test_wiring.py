@@ -82,3 +82,13 @@ def test_registered():
     from xwlearn.recipes import RECIPES
     assert REPRODUCTIONS["wiring"].paper == "wiring"
     assert RECIPES["wiring_cifar10_dsnas_search"].dataset == "cifar10"
+
+
+def test_small_training_split_and_control():
+    from xwlearn.nas.wiring import SkipValidation, run_search
+    dls = search_dls(bs=32, n_train=64)
+    assert len(dls.train.dataset) == 64 and len(dls.valid.dataset) == 2000
+    with pytest.raises(ValueError, match="n_train"): search_dls(n_train=3000)
+    with pytest.raises(ValueError, match="arch_split"): search_learner(dls, "darts", arch_split="test")
+    r = run_search("darts", 1, n_train=64, bs=32, C=4, n_cells=2, arch_split="train")
+    assert len(r["train"]) == 1 and len(r["val"]) == 1          # SkipValidation: the fit still records one epoch

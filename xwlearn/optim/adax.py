@@ -94,15 +94,37 @@ def _multi_tensor_adax(params:list[Tensor], grads:list[Tensor], exp_avgs:list[Te
     torch._foreach_add_(denom, [adax_eps_hat(t, beta2, eps) for t in ts])
     torch._foreach_addcdiv_(params, exp_avgs, denom, -lr)
 
+def _fused_adax(params:list[Tensor], grads:list[Tensor], exp_avgs:list[Tensor], exp_avg_sqs:list[Tensor],
+                state_steps:list[Tensor], *, beta1:float, beta2:float, lr:float, weight_decay:float, eps:float,
+                decoupled_weight_decay:bool):
+    "One Triton launch per (step, dtype) group (`xwlearn.kernels.adax`); tensors the kernel can't take use the loop."
+    from xwlearn.kernels.adax import adax_fused_step, fused_supported   # lazy: triton only when asked for
+    groups, rest = {}, []
+    for i, ts in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        if fused_supported(*ts): groups.setdefault(state_steps[i].item() + 1, []).append(i)
+        else: rest.append(i)
+    for t, idx in groups.items():
+        for i in idx: state_steps[i] += 1
+        sel = lambda xs: [xs[i] for i in idx]
+        adax_fused_step(sel(params), sel(grads), sel(exp_avgs), sel(exp_avg_sqs), lr=lr, beta1=beta1,
+                        beta2_hat=adax_beta2_hat(t, beta2), eps_hat=adax_eps_hat(t, beta2, eps),
+                        weight_decay=weight_decay, decoupled=decoupled_weight_decay)
+    if rest:
+        sel = lambda xs: [xs[i] for i in rest]
+        _single_tensor_adax(sel(params), sel(grads), sel(exp_avgs), sel(exp_avg_sqs), sel(state_steps), beta1=beta1,
+                            beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+                            decoupled_weight_decay=decoupled_weight_decay)
+
 def adax(params:list[Tensor], # parameters, updated in place
          grads:list[Tensor], # their gradients (not modified)
          exp_avgs:list[Tensor], # m, updated in place
          exp_avg_sqs:list[Tensor], # v̂ (the normalised, bounded second moment), updated in place
          state_steps:list[Tensor], # step counts t (0-dim tensors), incremented in place
          *, foreach:bool=False, # use the `torch._foreach_*` multi-tensor path
+         fused:bool=False, # use the fused Triton kernel (`xwlearn.kernels.adax`) where it can run
          beta1:float, beta2:float, lr:float, weight_decay:float, eps:float, decoupled_weight_decay:bool):
     "Functional AdaX / AdaX-W on lists of tensors (the hook where a fused kernel slots in)."
-    fn = _multi_tensor_adax if foreach else _single_tensor_adax
+    fn = _fused_adax if fused else _multi_tensor_adax if foreach else _single_tensor_adax
     fn(params, grads, exp_avgs, exp_avg_sqs, state_steps, beta1=beta1, beta2=beta2, lr=lr,
        weight_decay=weight_decay, eps=eps, decoupled_weight_decay=decoupled_weight_decay)
 
@@ -116,10 +138,12 @@ class AdaX(torch.optim.Optimizer):
                  weight_decay:float=5e-4, # λ
                  decoupled_weight_decay:bool=False, # False: L2, g ← g + λθ (AdaX); True: θ ← θ(1−αλ) (AdaX-W)
                  foreach:bool|None=None, # multi-tensor `torch._foreach_*` path; None: on CUDA only
+                 fused:bool=False, # one Triton launch per step (`xwlearn.kernels.adax`), fp32 state; reference path where it can't run
                 ):
         _check_adax_hypers(lr, betas, eps, weight_decay)
+        if fused and foreach: raise ValueError("`fused` and `foreach` cannot both be True")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, foreach=foreach)
+                        decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group:dict):
@@ -130,7 +154,7 @@ class AdaX(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for g in self.param_groups: g.setdefault('foreach', None); g.setdefault('decoupled_weight_decay', False)
+        for g in self.param_groups: g.setdefault('foreach', None); g.setdefault('decoupled_weight_decay', False); g.setdefault('fused', False)
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps):
         for p in group['params']:
@@ -139,8 +163,10 @@ class AdaX(torch.optim.Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 state['step'] = torch.tensor(0.0, dtype=torch.float32)   # on the CPU, as torch's (non-fused) Adam
-                state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)  # v̂_t, not v_t
+                low = p.dtype in (torch.bfloat16, torch.float16)
+                sdt = torch.float32 if group.get('fused') and low else None     # fused: fp32 state for bf16/fp16 θ
+                state['exp_avg'] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+                state['exp_avg_sq'] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)  # v̂_t, not v_t
             params.append(p); grads.append(p.grad); steps.append(state['step'])
             exp_avgs.append(state['exp_avg']); exp_avg_sqs.append(state['exp_avg_sq'])
 
@@ -156,7 +182,7 @@ class AdaX(torch.optim.Optimizer):
             foreach = group['foreach']
             if foreach is None: foreach = bool(params) and all(p.is_cuda for p in params)
             beta1, beta2 = group['betas']
-            adax(params, grads, exp_avgs, exp_avg_sqs, steps, foreach=foreach, beta1=beta1, beta2=beta2,
+            adax(params, grads, exp_avgs, exp_avg_sqs, steps, foreach=foreach, fused=group['fused'], beta1=beta1, beta2=beta2,
                  lr=group['lr'], weight_decay=group['weight_decay'], eps=group['eps'],
                  decoupled_weight_decay=group['decoupled_weight_decay'])
         return loss
@@ -165,9 +191,9 @@ class AdaX(torch.optim.Optimizer):
 class AdaXW(AdaX):
     "AdaX-W: AdaX with decoupled weight decay θ ← θ(1 − αλ), the official recommendation (lr 5e-3, λ 5e-2)."
     def __init__(self, params, lr:float=5e-3, betas:tuple[float,float]=(0.9, 1e-4), eps:float=1e-12,
-                 weight_decay:float=5e-2, foreach:bool|None=None):
+                 weight_decay:float=5e-2, foreach:bool|None=None, fused:bool=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         decoupled_weight_decay=True, foreach=foreach)
+                         decoupled_weight_decay=True, foreach=foreach, fused=fused)
 
 # %% ../../nbs/20_optimization/01_optim.adax.ipynb #690db769
 def adax_sqr_avg(p, sqr_mom, step, sqr_avg=None, **kwargs):

@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 # %% auto #0
 __all__ = ['CRITERIA', 'ChannelGroups', 'trace_groups', 'layer_flops', 'GroupFisher', 'small_resnet_dw', 'prune_model',
            'count_flops', 'GroupFisherPruning', 'cpu_latency', 'gfp_prune_finetune', 'group_fisher_reproduction',
-           'gfp_imagenet_resnet50']
+           'gfp_imagenet_resnet50', 'gfp_coco_retinanet_r50']
 
 # %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #1b111155
 from ..core import set_seed, set_cpu_threads, reproduction, Measured
@@ -170,7 +170,9 @@ class GroupFisher:
                  criterion:str='memory', # 'memory', 'flops', 'none' (Fisher, unnormalised) or 'l1' (filter norm)
                 ):
         self.model, self.criterion = model, criterion
+        was = model.training; model.eval()                          # tracing must not touch BN running stats
         with torch.no_grad(): self.groups = g = trace_groups(model, example)
+        model.train(was)
         self.mods = dict(model.named_modules())
         self.alive = torch.ones(len(g), dtype=torch.bool)
         self.masks = {k: torch.ones(len(v)) for k, v in g.consumers.items() if v is not None}
@@ -263,6 +265,18 @@ class GroupFisher:
         "Prune the least important group, reset the Fisher accumulators, return the group's index."
         i = int(self.scores().argmin()); self.prune_group(i); self.fisher.zero_(); return i
 
+    def state_dict(self) -> dict:
+        "The pruning state — alive groups, accumulated Fisher, masks — as tensors (loadable with `weights_only=True`)."
+        return dict(alive=self.alive.clone(), fisher=self.fisher.clone(), masks={k: v.clone() for k, v in self.masks.items()})
+
+    def load_state_dict(self, sd:dict):
+        "Restore a `state_dict()` taken from the same model (same grouping), in place."
+        if len(sd['alive']) != len(self.alive) or set(sd['masks']) != set(self.masks):
+            raise ValueError(f"pruning state has {len(sd['alive'])} groups / {len(sd['masks'])} masks; this model has "
+                             f"{len(self.alive)} / {len(self.masks)}: not the same network")
+        self.alive.copy_(sd['alive']); self.fisher.copy_(sd['fisher']); self._batch = None
+        for k, v in sd['masks'].items(): self.masks[k].copy_(v)
+
     def remove(self):
         "Remove the hooks."
         for h in self.handles.values(): h.remove()
@@ -344,26 +358,29 @@ def count_flops(model:nn.Module, example:Tensor) -> int:
 # %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #f3308e41
 class GroupFisherPruning(Callback):
     "Accumulate the group Fisher after every backward pass and prune one group every `interval` iterations until the FLOPs target."
-    order = 65  # after ParamScheduler, so the pruning LR wins while pruning
-    def __init__(self, gf:GroupFisher, # the pruner (masks and hooks on `learn.model`)
+    order = 55  # before CheckpointCallback (60): `model.pth` gets the pruned model. LRs are set in before_step, after ParamScheduler.
+    def __init__(self, gf:GroupFisher, # the pruner (masks and hooks on `learn.model` or one of its submodules)
                  interval:int=25, # iterations between two pruning steps (the paper's d)
-                 target:float=0.5, # stop when FLOPs ≤ target × the original FLOPs
+                 target:float=0.5, # stop when FLOPs ≤ target × the original FLOPs (of the traced module `gf.model`)
                  prune_lr:float|None=None, # constant LR while pruning (None: leave the LR alone)
-                 ft_lr:float|None=None, # after pruning: cosine from `ft_lr` to 0 over the remaining iterations
+                 ft_lr=None, # after pruning, over the remaining iterations: a float = cosine from `ft_lr` to 0, or a schedule f(pct) -> lr
                  stop:bool=False, # cancel the fit when the target is reached
-                 remove_at_end:bool=False, # replace `learn.model` by the physically pruned model after fit
-                ): store_attr()
+                 remove_at_end:bool=False, # replace `gf.model` inside `learn.model` by the physically pruned module after fit
+                ):
+        store_attr(); self.count, self.i0 = 0, None  # iterations with Fisher accumulated; iteration where fine-tuning began
     def before_fit(self):
-        self.count, self.i0 = 0, None
         self.pruning = self.gf.flops() > self.target * self.gf.flops0
         self.gf.collect = self.pruning and self.gf.criterion != 'l1'
     def before_batch(self):
+        self._lr = None
         if not self.training: return
-        if self.pruning and self.prune_lr is not None: self.opt.set_hyper('lr', self.prune_lr)
-        if not self.pruning and self.ft_lr is not None:
+        if self.pruning: self._lr = self.prune_lr
+        elif self.ft_lr is not None:
             i0 = self.i0 or 0; tot = max(1, self.n_epoch * self.n_iter - i0)
-            pct = min(1., (self.epoch * self.n_iter + self.iter - i0) / tot)
-            self.opt.set_hyper('lr', self.ft_lr * (1 + math.cos(math.pi * pct)) / 2)
+            pct = min(1., max(0., (self.epoch * self.n_iter + self.iter - i0) / tot))
+            self._lr = self.ft_lr(pct) if callable(self.ft_lr) else self.ft_lr * (1 + math.cos(math.pi * pct)) / 2
+    def before_step(self):
+        if self._lr is not None: self.opt.set_hyper('lr', self._lr)
     def after_backward(self):
         if not self.pruning: return
         self.gf.accumulate(); self.count += 1
@@ -373,7 +390,17 @@ class GroupFisherPruning(Callback):
             self.pruning = self.gf.collect = False; self.i0 = self.epoch * self.n_iter + self.iter + 1
             if self.stop: raise CancelFitException()
     def after_fit(self):
-        if self.remove_at_end: self.learn.model = prune_model(self.gf)
+        if not self.remove_at_end: return
+        small = prune_model(self.gf); self.gf.remove()
+        if self.gf.model is self.learn.model: self.learn.model = small
+        else: _set(self.learn.model, next(n for n, m in self.learn.model.named_modules() if m is self.gf.model), small)
+    def state_dict(self) -> dict:
+        "What a restarted run needs to continue pruning where it stopped: counters, masks, alive groups, accumulated Fisher."
+        return dict(count=self.count, i0=-1 if self.i0 is None else self.i0, gf=self.gf.state_dict())
+    def load_state_dict(self, sd:dict):
+        "Restore `state_dict()` (`CheckpointCallback.restore` calls it on `--resume`, before loading the model)."
+        self.count, self.i0 = int(sd['count']), None if int(sd['i0']) < 0 else int(sd['i0']); self.gf.load_state_dict(sd['gf'])
+    checkpoint_state, load_checkpoint_state = state_dict, load_state_dict  # the names `CheckpointCallback` saves and restores
 
 # %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #b9159885
 from fastai.learner import Learner
@@ -471,3 +498,37 @@ def gfp_imagenet_resnet50(data:Path, epochs:int=100, smoke:bool=False,
     cb = GroupFisherPruning(gf, interval=1 if smoke else 25, target=0.95 if smoke else 0.5, prune_lr=0.004 * kw['bs'] / 256,
                             ft_lr=0.1 * kw['bs'] / 256, remove_at_end=True)
     return Learner(dls, model, nn.CrossEntropyLoss(), opt_func=SGD, lr=0.004, wd=1e-4, metrics=accuracy, cbs=cb)
+
+# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #4a9ec0be
+@recipe('gfp_coco_retinanet_r50', paper='group_fisher', dataset='coco', epochs=24, smoke_epochs=2,
+        description="Group Fisher pruning of torchvision RetinaNet-R50 (backbone body + FPN lateral inputs) on COCO: memory-"
+                    "normalised, one group every 10 iterations at LR 0.002 until the backbone's FLOPs target, then 1x-style "
+                    "fine-tuning (LR 0.01 at batch 16, x0.1 at 8/12 and 11/12) for the remaining iterations; pruned at the end")
+def gfp_coco_retinanet_r50(data:Path, epochs:int=24, smoke:bool=False,
+                           weights:str|None=None, # a trained `retinanet_resnet50_fpn` state dict to start from (the paper prunes a trained detector)
+                           target:float=0.5, # FLOPs target as a fraction of the backbone's (body + FPN) FLOPs
+                           bs:int=16, # images per batch (the paper: 8 GPUs × 2)
+                          ) -> Learner:
+    "The paper's RetinaNet-R50 COCO pruning run; `smoke`: 64-px images, 4/2 images, batch 2, prune every iteration to 99.99 %."
+    from functools import partial
+    from torchvision.models.detection import retinanet_resnet50_fpn
+    from fastai.callback.training import GradientClip
+    from xwlearn.recipes import step_schedule
+    from xwlearn.detection.core import coco_dls, detection_learner
+    size, max_size = (64, 64) if smoke else (800, 1333)
+    if smoke: bs = 2
+    dls = coco_dls(data, bs=bs, size=size, max_size=max_size, num_workers=0 if smoke else 8,
+                   n_train=4 if smoke else None, n_valid=2 if smoke else None, device='cpu' if smoke else None)
+    ds = dls.train.dataset; ds = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+    model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=max(ds.coco.cats) + 1,  # COCO ids index the logits
+                                   min_size=size, max_size=max_size)
+    if weights:
+        missing, unexpected = model.load_state_dict(torch.load(weights, map_location='cpu'), strict=False)
+        bad = [k for k in missing + unexpected if not k.endswith('num_batches_tracked')]
+        if bad: raise ValueError(f"{weights} does not fit retinanet_resnet50_fpn: {bad[:5]}")
+    ex = min(size, 256) // 32 * 32  # the grouping and the memory/FLOPs ratios do not depend on the image size
+    gf = GroupFisher(model.backbone, torch.zeros(1, 3, ex, ex), 'memory')
+    ft = step_schedule(0.01 * bs / 16, [8 / 12, 11 / 12], 1)   # over the fine-tuning fraction of the run
+    cb = GroupFisherPruning(gf, interval=1 if smoke else 10, target=0.9999 if smoke else target, prune_lr=0.002 * bs / 16,
+                            ft_lr=ft, remove_at_end=True)
+    return detection_learner(dls, model, opt_func=partial(SGD, mom=0.9), lr=0.002, wd=1e-4, cbs=[cb, GradientClip(35.)])

@@ -1,0 +1,76 @@
+"""Detection substrate (`xwlearn.detection.core`): COCO fixture round trip, layout errors, AP of the ground truth, fastai fit."""
+import json
+import pytest, torch
+from torch import nn
+from xwlearn.data import DatasetLayoutError
+from xwlearn.detection.core import (make_shapes_detection, write_coco_shapes, check_coco_layout, coco_dataset, coco_dls,
+                                    detection_collate, targets_to_coco, coco_evaluate, detection_learner)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope='module')
+def root(tmp_path_factory):
+    return write_coco_shapes(tmp_path_factory.mktemp('coco'), n_train=6, n_val=4, size=64, seed=1)
+
+
+def test_generator_deterministic():
+    a, b = make_shapes_detection(5, size=48, seed=7), make_shapes_detection(5, size=48, seed=7)
+    assert (a[0] == b[0]).all() and a[1] == b[1]
+    assert (make_shapes_detection(5, size=48, seed=8)[0] != a[0]).any()
+
+
+def test_fixture_is_coco(root):
+    for split, n in (('train2017', 6), ('val2017', 4)):
+        js = json.loads((root/'annotations'/f'instances_{split}.json').read_text())
+        assert len(js['images']) == n and len(list((root/split).glob('*.png'))) == n
+        assert min(i['id'] for i in js['images']) >= 1 and min(a['id'] for a in js['annotations']) >= 1
+        assert {a['category_id'] for a in js['annotations']} <= {c['id'] for c in js['categories']}
+        assert all(a['iscrowd'] == 0 and a['area'] > 0 and len(a['bbox']) == 4 for a in js['annotations'])
+    ids = [i['id'] for s in ('train2017', 'val2017') for i in json.loads((root/'annotations'/f'instances_{s}.json').read_text())['images']]
+    assert len(set(ids)) == len(ids)                       # image ids unique across splits
+
+
+def test_layout_errors(tmp_path, root):
+    with pytest.raises(DatasetLayoutError, match='annotations/instances_train2017.json'): check_coco_layout(tmp_path/'missing')
+    (tmp_path/'annotations').mkdir()
+    with pytest.raises(DatasetLayoutError, match='instances_train2017.json is missing'): check_coco_layout(tmp_path)
+    assert set(check_coco_layout(root)) == {'train2017', 'val2017'}
+
+
+def test_roundtrip_and_resize(root):
+    js = json.loads((root/'annotations/instances_val2017.json').read_text())
+    ds, ds3 = coco_dataset(root, 'val2017'), coco_dataset(root, 'val2017', size=96, max_size=96)
+    for i in range(len(ds)):
+        (im, t), (im3, t3) = ds[i], ds3[i]
+        ref = torch.tensor([[a['bbox'][0], a['bbox'][1], a['bbox'][0] + a['bbox'][2], a['bbox'][1] + a['bbox'][3]]
+                            for a in js['annotations'] if a['image_id'] == t['image_id']], dtype=torch.float32)
+        assert im.shape == (3, 64, 64) and im3.shape == (3, 96, 96) and im.dtype == torch.float32
+        assert torch.allclose(t['boxes'], ref) and torch.allclose(t3['boxes'], 1.5 * ref)
+
+
+def test_collate_empty_targets():
+    ims, tg = detection_collate([(torch.zeros(3, 4, 4), {'image_id': 3})])
+    assert tg[0]['boxes'].shape == (0, 4) and tg[0]['labels'].shape == (0,) and int(tg[0]['image_id']) == 3
+
+
+def test_ground_truth_ap_is_one(root):
+    ds = coco_dataset(root, 'val2017'); tg = [ds[i][1] for i in range(len(ds))]
+    dets = [dict(image_id=t['image_id'], boxes=t['boxes'], labels=t['labels'], scores=torch.ones(len(t['labels']))) for t in tg]
+    r = coco_evaluate(targets_to_coco(tg), dets)
+    assert r['AP'] == r['AP50'] == r['AP75'] == 1.0
+    jit = [dict(d, boxes=d['boxes'] + 3.0) for d in dets]       # shifted boxes: lower AP
+    assert coco_evaluate(targets_to_coco(tg), jit)['AP'] < 1.0
+    assert coco_evaluate(targets_to_coco(tg), [])['AP'] == 0.0
+
+
+def test_fastai_fit_torchvision_detector(root):
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, 4, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU()); body.out_channels = 16
+    det = RetinaNet(body, 6, min_size=64, max_size=64, anchor_generator=AnchorGenerator(((8, 16),), ((1.0,),)))
+    learn = detection_learner(coco_dls(root, bs=2, size=64, max_size=64, device='cpu'), det, lr=0.01)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    trn, val, ap, ap50 = learn.recorder.values[-1]
+    assert torch.isfinite(torch.tensor([trn, val])).all() and 0 <= ap <= ap50 <= 1

@@ -1,0 +1,115 @@
+"""Relay decode kernels (`xwlearn.kernels.relay`) against `xwlearn.llm.relay` and SDPA over the concatenated KV.
+
+CPU: the Triton interpreter (TRITON_INTERPRET=1, small shapes). CUDA (when available): compiled kernels at the target shape.
+"""
+import importlib, os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+if not CUDA: os.environ["TRITON_INTERPRET"] = "1"
+import xwlearn.kernels.relay as KR
+if not CUDA and not KR._INTERPRET: KR = importlib.reload(KR)
+from xwlearn.llm.relay import attention_lse, merge_attention, relay_attention
+
+torch.set_num_threads(1)
+DEVS = [pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason="interpreter variant runs on CPU-only machines")),
+        pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA GPU"))]
+DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)]
+SMALL = [dict(B=3, H=4, Hk=2, Ls=37, Lr=9, D=16, lens=None, S=1, bm=None),
+         dict(B=5, H=4, Hk=1, Ls=40, Lr=12, D=24, lens=[12, 1, 5, 0, 7], S=2, bm=16),
+         dict(B=2, H=6, Hk=2, Ls=20, Lr=3, D=32, lens=[3, 2], S=3, bm=32),
+         dict(B=17, H=2, Hk=2, Ls=24, Lr=5, D=16, lens=None, S=1, bm=16)]
+BIG = [dict(B=64, H=32, Hk=32, Ls=4096, Lr=128, D=128, lens="rand", S=1, bm=None),
+       dict(B=64, H=32, Hk=8, Ls=4096, Lr=128, D=128, lens="rand", S=1, bm=32),
+       dict(B=7, H=32, Hk=8, Ls=1000, Lr=77, D=64, lens="rand", S=4, bm=64),
+       dict(B=33, H=12, Hk=4, Ls=513, Lr=31, D=80, lens=None, S=2, bm=16)]
+
+
+def problem(dev, dtype, B, H, Hk, Ls, Lr, D, lens, seed=0, **_):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(dev, dtype)
+    if lens == "rand": lens = torch.randint(0, Lr + 1, (B,), generator=g).tolist()
+    rl = None if lens is None else torch.tensor(lens, device=dev)
+    return r(B, H, 1, D), r(Hk, Ls, D), r(Hk, Ls, D), r(B, Hk, Lr, D), r(B, Hk, Lr, D), rl
+
+
+def cases(dev): return SMALL if dev == "cpu" else BIG
+
+
+def sdpa_concat_ref(q, ks, vs, kr, vr, rl):
+    "Independent oracle: SDPA (fp32) over the materialised concatenated keys with a padding mask."
+    B, H = q.shape[:2]; Hk, Ls = ks.shape[:2]; G = H // Hk
+    k = torch.cat([ks[None].expand(B, -1, -1, -1), kr], 2).float().repeat_interleave(G, 1)
+    v = torch.cat([vs[None].expand(B, -1, -1, -1), vr], 2).float().repeat_interleave(G, 1)
+    mask = None
+    if rl is not None: mask = (torch.arange(k.shape[2], device=q.device) < Ls + rl[:, None])[:, None, None, :]
+    return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("dev", DEVS)
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_lse_merge(dev, dtype, tol):
+    q, ks, vs, kr, vr, _ = problem(dev, dtype, **(SMALL[0] if dev == "cpu" else BIG[1]))
+    n = kr.shape[2] // 3
+    o1, l1 = attention_lse(q, kr[:, :, :n], vr[:, :, :n]); o2, l2 = attention_lse(q, kr[:, :, n:], vr[:, :, n:])
+    o, l = KR.lse_merge(o1, l1, o2, l2); om, lm = merge_attention(o1, l1, o2, l2)
+    torch.testing.assert_close(o.float(), om.float(), rtol=tol, atol=tol); torch.testing.assert_close(l, lm)
+    e = torch.full_like(l1, float("-inf"))
+    o, l = KR.lse_merge(o1, e, o2, e)
+    assert (o == 0).all() and torch.isneginf(l).all()
+
+
+@pytest.mark.parametrize("dev", DEVS)
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("i", range(3))
+def test_flash_decode(dev, dtype, tol, i):
+    c = cases(dev)[i]
+    q, ks, vs, kr, vr, rl = problem(dev, dtype, **c)
+    k = torch.cat([ks[None].expand(q.shape[0], -1, -1, -1), kr], 2); v = torch.cat([vs[None].expand(q.shape[0], -1, -1, -1), vr], 2)
+    lens = None if rl is None else rl + ks.shape[1]
+    o, l = KR.flash_decode(q, k, v, kv_lens=lens, num_splits=None if i == 0 else c["S"], block_n=16 if dev == "cpu" else 64)
+    o_ref, l_ref = attention_lse(q, k, v, kv_lens=lens)
+    torch.testing.assert_close(o.float(), o_ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(l, l_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dev", DEVS)
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("i", range(4))
+def test_relay_decode(dev, dtype, tol, i):
+    c = cases(dev)[i]
+    q, ks, vs, kr, vr, rl = problem(dev, dtype, **c)
+    o = KR.relay_decode(q, ks, vs, kr, vr, req_lens=rl, num_splits=c["S"], block_m=c["bm"], block_n=16 if dev == "cpu" else 64)
+    o_ref = relay_attention(q.float(), ks.float(), vs.float(), kr.float(), vr.float(), req_lens=rl)
+    torch.testing.assert_close(o_ref, sdpa_concat_ref(q, ks, vs, kr, vr, rl), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(o.float(), o_ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_relay_decode_lse_and_two_pass(dev):
+    "The LSE of the fused kernel, and flash_decode ×2 + lse_merge (the paper's design from our kernels)."
+    q, ks, vs, kr, vr, rl = problem(dev, torch.float32, **cases(dev)[1])
+    o, l = KR.relay_decode(q, ks, vs, kr, vr, req_lens=rl, return_lse=True)
+    o_s, l_s = KR.flash_decode(q.transpose(0, 2), ks[None], vs[None])
+    o_r, l_r = KR.flash_decode(q, kr, vr, kv_lens=rl)
+    o2, l2 = KR.lse_merge(o_s.transpose(0, 2), l_s.transpose(0, 2), o_r, l_r)
+    torch.testing.assert_close(o, o2, rtol=1e-5, atol=1e-5); torch.testing.assert_close(l, l2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dev", DEVS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_baselines(dev, dtype):
+    "The two benchmark peers compute the same attention: SDPA over the concatenated KV and the official design."
+    q, ks, vs, kr, vr, rl = problem(dev, dtype, **cases(dev)[1])
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    o_ref = relay_attention(q.float(), ks.float(), vs.float(), kr.float(), vr.float(), req_lens=rl)
+    kc, vc = KR.concat_kv(ks, vs, kr, vr)
+    L = ks.shape[1]
+    if dev == "cpu" and dtype == torch.float16: kc, vc, q = kc.float(), vc.float(), q.float()  # CPU SDPA fp16 is slow/limited
+    torch.testing.assert_close(KR.sdpa_concat(q, kc, vc, L_sys=L, req_lens=rl).float(), o_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(KR.relay_official(q, ks, vs, kr, vr, req_lens=rl).float(), o_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(KR.relay_official(q, ks, vs, kr, vr).float(),
+                               relay_attention(q.float(), ks.float(), vs.float(), kr.float(), vr.float()), rtol=tol, atol=tol)

@@ -1,0 +1,228 @@
+"""MAGE (`xwlearn.agents.mage`): the execution-state tree under random operation sequences, the agent loop, the LLM
+backends' request construction and the MemoryArena runner on a fixture. No network, no model downloads."""
+import json, threading, copy
+from dataclasses import asdict
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+from hypothesis import settings, strategies as st, HealthCheck
+from hypothesis.stateful import RuleBasedStateMachine, rule, invariant, precondition
+
+from xwlearn.agents.mage import (ExecTree, Node, BundleShop, ScriptedLLM, OpenAIChat, SmolLM2, LLM, FullContext,
+                                 SlidingWindow, Retrieval, MageMemory, HashEmbedder, run_episode, act_prompt,
+                                 approx_tokens, evaluate, summarize_runs, load_memoryarena, write_memoryarena_fixture,
+                                 score_answer, parse_action, read_memory)
+
+
+class TreeMachine(RuleBasedStateMachine):
+    "Random Grow / Compress / Maintain(+Revise) sequences; invariants, frozen inactive nodes, JSON, bounded state."
+    def __init__(self):
+        super().__init__()
+        self.t, self.frozen, self.max_line = ExecTree("task"), {}, 0
+
+    def _freeze(self):
+        for i in self.t.inactive(): self.frozen.setdefault(i, copy.deepcopy(asdict(self.t.nodes[i])))
+
+    @rule(a=st.sampled_from(["search a", "inspect b", "buy c"]), o=st.text(max_size=20))
+    def grow(self, a, o): self.t.grow(a, o)
+
+    @precondition(lambda self: bool(self.t.raw()))
+    @rule(s=st.text(min_size=1, max_size=20))
+    def compress(self, s): self.t.compress(s)
+
+    @precondition(lambda self: self.t.top != 0)
+    @rule(k=st.integers(0, 100), revise=st.booleans(), note=st.text(max_size=10))
+    def maintain_fails(self, k, revise, note):
+        b = self.t.boundaries()
+        self.t.annotate(self.t.top, note)
+        if revise:
+            before = {i: copy.deepcopy(asdict(n)) for i, n in self.t.nodes.items()}
+            target = b[k % len(b)]
+            self.t.revise(target, hint=f"h{len(self.t.hints)}")
+            assert self.t.cur == target and self.t.raw() == []
+            for i, d in before.items():  # Revise itself writes nothing into any node
+                assert asdict(self.t.nodes[i]) == d
+        else: self.t.hints.append("hint only")
+        self._freeze()
+
+    @rule(k=st.integers(0, 100))
+    def bad_revise_is_rejected(self, k):
+        steps = [i for i, n in self.t.nodes.items() if n.kind == "step" and i not in self.t.boundaries()]
+        if steps:
+            with pytest.raises(ValueError): self.t.revise(steps[k % len(steps)])
+
+    @invariant()
+    def tree_is_valid(self): self.t.check()
+
+    @invariant()
+    def inactive_nodes_never_change(self):
+        for i, d in self.frozen.items():
+            assert i in self.t.inactive(), f"node {i} became active again"
+            assert asdict(self.t.nodes[i]) == d, f"inactive node {i} changed"
+
+    @invariant()
+    def json_round_trip(self):
+        s = self.t.to_json()
+        t2 = ExecTree.from_json(s)
+        assert t2 == self.t and t2.to_json() == s and t2.render() == self.t.render()
+
+    @invariant()
+    def state_bounded_by_subgoals_not_steps(self):
+        S = self.t.state()
+        bound = (len(S.C) * (len("[steps 99999-99999] ") + 21) + len(S.R) * (len("[99999] inspect b -> ") + 21)
+                 + len(S.H) * 12 + 80)
+        assert len(self.t.render()) <= bound
+        # the active path is C's covers + R: nothing from inactive branches is rendered
+        act = self.t.active()
+        assert all(i in act for s in self.t.active_subgoals() for i in self.t.nodes[s].cover)
+
+
+TestTreeMachine = TreeMachine.TestCase
+TestTreeMachine.settings = settings(max_examples=80, stateful_step_count=30, deadline=None,
+                                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_revise_branches_and_keeps_flawed_branch():
+    t = ExecTree("t")
+    t.grow("a", "1"); t.grow("b", "2"); s1 = t.compress("s1")
+    t.grow("c", "3"); t.grow("d", "4"); s2 = t.compress("s2"); t.annotate(s2, "bad")
+    flawed = {i: copy.deepcopy(t.nodes[i]) for i in (4, 5, s2)}
+    t.revise(2, hint="avoid d")
+    t.grow("e", "5")
+    assert t.active_steps() == [1, 2, 7] and t.nodes[2].children == [4, 7]
+    assert {i: t.nodes[i] for i in flawed} == flawed and t.inactive() == set(flawed)
+    assert t.nodes[s2].note == "bad" and t.hints == ["avoid d"] and t.nodes[7].branch == 1
+    with pytest.raises(ValueError, match="not a boundary"): t.revise(4)
+    with pytest.raises(ValueError, match="not an active subgoal"): t.annotate(s2, "x")
+    t.check()
+
+
+def test_corrupt_json_is_rejected():
+    t = ExecTree("t"); t.grow("a", "1"); t.grow("b", "2"); t.compress("s")
+    d = json.loads(t.to_json())
+    d["nodes"][2]["parent"] = 0
+    with pytest.raises(AssertionError): ExecTree.from_dict(d)
+    with pytest.raises(ValueError, match="version"): ExecTree.from_dict({**json.loads(t.to_json()), "version": 2})
+
+
+def test_environment_and_scripted_policy():
+    for seed in range(5):
+        env = BundleShop(n_slots=6, n_cand=4, seed=seed)
+        for c, (j, a) in env.deps.items():
+            assert env.products[env.target[c]].attrs[a] == env.products[env.target[j]].attrs[a]
+        r = run_episode(env, FullContext(), ScriptedLLM(p_err=0.0))
+        assert r["success"] and r["steps"] == env.optimal_steps and r["constraints_ok"] and r["within_budget"]
+    assert parse_action("ok: Buy P31.") == "buy P31" and parse_action("SUBMIT") == "submit" and parse_action("") == "invalid"
+
+
+def test_scripted_policy_is_deterministic():
+    a = [run_episode(BundleShop(6, seed=s), MageMemory(), ScriptedLLM(0.2, seed=s)) for s in range(3)]
+    b = [run_episode(BundleShop(6, seed=s), MageMemory(), ScriptedLLM(0.2, seed=s)) for s in range(3)]
+    assert a == b
+
+
+def test_mage_tokens_bounded_by_subgoals():
+    env = BundleShop(n_slots=16, n_cand=4, seed=2)
+    full, mem = run_episode(env, FullContext(), ScriptedLLM(0.0)), MageMemory()
+    r = run_episode(env, mem, ScriptedLLM(0.0))
+    assert r["success"] and full["success"]
+    S = mem.tree.state()
+    assert len(S.C) == 16 and len(S.R) <= mem.threshold
+    task = approx_tokens(act_prompt(env.task, ""))
+    per_summary = max(approx_tokens(c) + 6 for *_, c in S.C)
+    per_step = max(approx_tokens(n.content) + 4 for n in mem.tree.nodes.values() if n.kind == "step")
+    assert max(r["tokens"]) <= task + 4 + len(S.C) * per_summary + mem.threshold * per_step
+    assert max(full["tokens"]) > 2 * max(r["tokens"])  # full context grows with steps
+
+
+def test_maintain_revise_recovers_and_ablations_differ():
+    s = summarize_runs(evaluate(12, arms=["full context", "MAGE", "MAGE −Maintain", "MAGE −Revise"], p_err=0.15))
+    assert s["MAGE"]["success"] > s["full context"]["success"]
+    assert s["MAGE"]["revisions"] > 0 and s["MAGE −Maintain"]["revisions"] == 0 == s["MAGE −Revise"]["revisions"]
+    assert s["MAGE"]["ctx_tokens"] < 0.7 * s["full context"]["ctx_tokens"]
+
+
+def test_retrieval_and_window_render_bounded():
+    env = BundleShop(6, seed=1)
+    for mem in (SlidingWindow(6), Retrieval(HashEmbedder(), k=3, recent=5)):
+        run_episode(env, mem, ScriptedLLM(0.0))
+        n_lines = len([l for l in mem.render().split("\n") if l.startswith("[")])
+        assert n_lines <= 6 if isinstance(mem, SlidingWindow) else n_lines <= 8
+
+
+def test_read_memory_conflicts():
+    f = read_memory("Added P01 (laptop: port=usbc, $9) to cart. Cart: laptop.\nBought P02 (laptop: port=barrel, $8). Cart: laptop.")
+    assert f.bought["laptop"] == ["P01", "P02"] and f.cart == {"laptop"} and f.items["P02"].attrs["port"] == "barrel"
+
+
+class _Stub(BaseHTTPRequestHandler):
+    seen = []
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Stub.seen.append((self.path, dict(self.headers), body))
+        out = json.dumps({"choices": [{"message": {"content": "submit"}}]}).encode()
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out))); self.end_headers(); self.wfile.write(out)
+    def log_message(self, *a): pass
+
+
+def test_openai_chat_against_local_stub(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    srv = HTTPServer(("127.0.0.1", 0), _Stub); th = threading.Thread(target=srv.serve_forever, daemon=True); th.start()
+    try:
+        llm = OpenAIChat(f"http://127.0.0.1:{srv.server_port}", model="m", max_tokens=7)
+        assert llm("hi") == "submit"
+    finally: srv.shutdown(); srv.server_close()
+    path, headers, body = _Stub.seen[-1]
+    assert path == "/v1/chat/completions" and "Authorization" not in headers
+    assert body == {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.0, "max_tokens": 7}
+    assert isinstance(llm, LLM)
+
+
+def test_openai_chat_retries_and_errors(monkeypatch):
+    monkeypatch.setenv("XWLEARN_LLM_BASE_URL", "http://example.invalid/v1"); monkeypatch.setenv("XWLEARN_LLM_MODEL", "q")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    class Resp:
+        def __init__(self, code, data): self.status_code, self._d = code, data
+        def json(self): return self._d
+        def raise_for_status(self):
+            if self.status_code >= 400: raise RuntimeError(f"HTTP {self.status_code}")
+    class Session:
+        def __init__(self, replies): self.replies, self.calls = list(replies), []
+        def post(self, url, headers, json, timeout): self.calls.append((url, headers, json)); return self.replies.pop(0)
+    s = Session([Resp(503, {}), Resp(200, {"choices": [{"message": {"content": "ok"}}]})])
+    llm = OpenAIChat(session=s)
+    assert llm("p") == "ok" and len(s.calls) == 2
+    assert s.calls[0][0] == "http://example.invalid/v1/chat/completions" and s.calls[0][1]["Authorization"] == "Bearer sk-x"
+    with pytest.raises(ValueError, match="unexpected response"): OpenAIChat(session=Session([Resp(200, {"x": 1})]))("p")
+    with pytest.raises(RuntimeError, match="401"): OpenAIChat(session=Session([Resp(401, {})]))("p")
+    monkeypatch.delenv("XWLEARN_LLM_BASE_URL")
+    with pytest.raises(ValueError, match="base_url"): OpenAIChat()
+
+
+def test_smollm2_is_lazy():
+    m = SmolLM2()
+    assert m.model is None and isinstance(m, LLM)
+
+
+def test_memoryarena_runner_smoke(tmp_path):
+    from xwlearn.recipes import get_recipe, train
+    r = get_recipe("mage_memoryarena")
+    assert r.kind == "run" and r.paper == "mage" and r.dataset == "memoryarena"
+    assert (Path(__file__).resolve().parents[1]/"datasets"/"memoryarena.md").exists()
+    write_memoryarena_fixture(tmp_path/"data", n_tasks=2, n_sub=3)
+    res = train("mage_memoryarena", data=tmp_path/"data", smoke=True, out_dir=tmp_path/"run")
+    assert res["per_config"]["bundled_shopping"]["MAGE"]["success"] == 1.0
+    assert json.loads((tmp_path/"run"/"results.json").read_text())["results"]["per_config"] == res["per_config"]
+    assert len((tmp_path/"run"/"episodes.jsonl").read_text().splitlines()) == 8
+    (tmp_path/"bad").mkdir(); (tmp_path/"bad"/"x.jsonl").write_text('{"questions": ["a"], "answers": []}\n')
+    with pytest.raises(ValueError, match="equal length"): load_memoryarena(tmp_path/"bad")
+    assert score_answer("I pick B0ABCDEFGH.", {"target_asin": "B0ABCDEFGH"}) and not score_answer("12", "2")
+    assert score_answer("The answer is 42.", "42")
+
+
+def test_registered():
+    from xwlearn.core import REPRODUCTIONS
+    assert REPRODUCTIONS["mage"].paper == "mage"
