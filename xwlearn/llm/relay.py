@@ -138,7 +138,12 @@ def load_causal_lm(path:str|Path|None=None, # HF model folder, a .gguf file, or 
             cfg = m.config; del cfg.quantization_config     # a dequantised copy is an ordinary checkpoint
             plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32); plain.load_state_dict(m.state_dict())
             tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            plain.save_pretrained(tmp); tok.save_pretrained(tmp); os.replace(tmp, cache)
+            plain.save_pretrained(tmp); tok.save_pretrained(tmp)
+            try: os.replace(tmp, cache)
+            except OSError:  # another process finished the same conversion first: use its copy
+                import shutil
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not (cache/'config.json').exists(): raise
             del m, plain
         path = cache
     tok = AutoTokenizer.from_pretrained(path)
