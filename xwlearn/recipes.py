@@ -21,7 +21,8 @@ from fastcore.basics import noop
 
 # %% auto #0
 __all__ = ['RECIPE_KINDS', 'RECIPES', 'Recipe', 'recipe', 'get_recipe', 'atomic_save', 'to_plain', 'rng_state', 'set_rng_state',
-           'CheckpointCallback', 'SkipFinishedEpochs', 'train', 'step_schedule', 'smoke_cifar10']
+           'CheckpointCallback', 'SkipFinishedEpochs', 'train', 'step_schedule', 'soft_target_ce', 'TimmMixup',
+           'EMACallback', 'NoDecay1D', 'warmup_cosine', 'smoke_cifar10']
 
 # %% ../nbs/00_core/03_recipes.ipynb #7ad0a4b9
 @dataclass
@@ -212,6 +213,42 @@ def step_schedule(lr:float, # the initial learning rate
         if warmup and e < warmup: return lr * e / warmup
         return lr * gamma ** sum(e >= m for m in ms)
     return f
+
+# %% ../nbs/00_core/03_recipes.ipynb #895b053d
+def soft_target_ce(pred, targ):
+    "Cross-entropy for soft targets (B, K) — mixup/cutmix with label smoothing — and for class indices (B,) in validation."
+    import torch.nn.functional as F
+    if targ.ndim == 1: return F.cross_entropy(pred.float(), targ)
+    return torch.sum(-targ * F.log_softmax(pred.float(), -1), -1).mean()
+
+class TimmMixup(Callback):
+    "Apply a `timm.data.Mixup` (mixup/cutmix + label smoothing: the targets become soft) to every training batch."
+    order = 5
+    def __init__(self, mixup): self.mixup = mixup
+    def before_batch(self):
+        if self.training: x, y = self.mixup(self.xb[0], self.yb[0]); self.learn.xb, self.learn.yb = (x,), (y,)
+
+class EMACallback(Callback):
+    "Keep `learn.model_ema`, a timm `ModelEmaV3` moving average of the weights, updated after every optimiser step."
+    order = 70
+    def __init__(self, decay:float=0.9999): self.decay = decay
+    def before_fit(self):
+        from timm.utils import ModelEmaV3
+        if getattr(self.learn, 'model_ema', None) is None: self.learn.model_ema = ModelEmaV3(self.learn.model, decay=self.decay)
+    def after_step(self): self.learn.model_ema.update(self.learn.model)
+
+class NoDecay1D(Callback):
+    "No weight decay on 1-D parameters (norms, biases, layer scales), as timm's optimizer factory does."
+    def before_fit(self):
+        for p in self.learn.model.parameters():
+            if p.ndim == 1: self.learn.opt.state[p]['do_wd'] = False
+
+def warmup_cosine(lr:float, epochs:int, warmup:float=5, # warm-up epochs (at most half the run)
+                  warmup_lr:float=0., min_lr:float=1e-5):
+    "Linear warm-up `warmup_lr` → `lr` over `warmup` epochs, then cosine to `min_lr`: a fastai schedule over pct."
+    from fastai.callback.schedule import SchedLin, SchedCos, combine_scheds
+    w = min(warmup / epochs, 0.5)
+    return combine_scheds([w, 1 - w], [SchedLin(warmup_lr, lr), SchedCos(lr, min_lr)])
 
 # %% ../nbs/00_core/03_recipes.ipynb #71dd79df
 @recipe("smoke_cifar10", paper=None, dataset="cifar10", epochs=3, smoke_epochs=3,

@@ -20,8 +20,8 @@ __all__ = ['default_cfgs', 'BIFORMER_ARCHS', 'BIFORMER_DROP_PATH', 'to_regions',
            'gather_regions', 'routed_attention', 'attention_macs', 'routing_block_mask', 'routed_attention_flex',
            'BiLevelRoutingAttention', 'BiFormerBlock', 'BiFormerStage', 'BiFormer', 'xw_biformer_tiny',
            'xw_biformer_small', 'xw_biformer_base', 'count_params', 'biformer_macs', 'long_range_match', 'match_net',
-           'train_match', 'saved_bytes', 'attention_cost', 'biformer_reproduction', 'TimmMixupCB', 'ModelEmaCB',
-           'soft_target_ce', 'deit_schedule', 'biformer_learner', 'biformer_imagenet']
+           'train_match', 'saved_bytes', 'attention_cost', 'biformer_reproduction', 'biformer_learner',
+           'biformer_imagenet']
 
 # %% ../../nbs/40_backbones/01_models.biformer.ipynb #6d945841
 from ..core import set_seed, set_cpu_threads, cpu_threads, reproduction, Measured
@@ -495,40 +495,10 @@ try:
     from fastai.metrics import accuracy
     from fastai.optimizer import Adam
     from xwlearn.data import SeededDL, check_imagefolder_layout
-    from xwlearn.recipes import recipe
+    from xwlearn.recipes import recipe, soft_target_ce, TimmMixup, EMACallback, warmup_cosine
 except ImportError:  # torch + timm only (GPU kernel box): keep the core importable, skip the recipe
     Callback, Learner = object, None
     def recipe(*args, **kwargs): return lambda fn: fn
-
-# %% ../../nbs/40_backbones/01_models.biformer.ipynb #3d01cac9
-class TimmMixupCB(Callback):
-    "Apply `timm.data.Mixup` (mixup/cutmix + label smoothing → soft targets) to training batches."
-    order = 50
-    def __init__(self, num_classes:int, mixup:float=0.8, cutmix:float=1.0, smoothing:float=0.1, switch_prob:float=0.5):
-        from timm.data import Mixup
-        self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=switch_prob, mode='batch',
-                         label_smoothing=smoothing, num_classes=num_classes)
-    def before_batch(self):
-        if self.training: x, y = self.mix(self.x, self.y); self.learn.xb, self.learn.yb = (x,), (y,)
-
-class ModelEmaCB(Callback):
-    "Keep a `timm.utils.ModelEmaV3` copy of the model, updated after each optimiser step."
-    order = 90
-    def __init__(self, decay:float=0.99996): self.decay = decay
-    def before_fit(self):
-        from timm.utils import ModelEmaV3
-        if getattr(self, 'ema', None) is None: self.ema = ModelEmaV3(self.learn.model, decay=self.decay)
-    def after_step(self): self.ema.update(self.learn.model, step=self.learn.train_iter)
-
-def soft_target_ce(pred:Tensor, targ:Tensor) -> Tensor:
-    "Cross-entropy for soft (mixed, smoothed) targets in training and hard labels in validation."
-    if targ.ndim == 1: return F.cross_entropy(pred, targ)
-    return torch.sum(-targ * F.log_softmax(pred, dim=-1), dim=-1).mean()
-
-def deit_schedule(lr:float, epochs:int, warmup:float=5, warmup_lr:float=1e-6, min_lr:float=1e-5):
-    "Linear warm-up `warmup_lr` → `lr` over `warmup` epochs, then cosine to `min_lr` (fastai schedule over pct)."
-    w = min(warmup / epochs, 0.5)
-    return combine_scheds([w, 1 - w], [SchedLin(warmup_lr, lr), SchedCos(lr, min_lr)])
 
 # %% ../../nbs/40_backbones/01_models.biformer.ipynb #d889d32c
 def biformer_learner(data:Path, # ImageFolder root with train/ and val/
@@ -538,6 +508,7 @@ def biformer_learner(data:Path, # ImageFolder root with train/ and val/
                      **model_kw) -> Learner:
     "The official DeiT-style BiFormer ImageNet setting as a fastai `Learner` (schedule, mixup and EMA in its callbacks)."
     import os, timm
+    from timm.data import Mixup
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
     classes = check_imagefolder_layout(data)['train']
@@ -561,7 +532,8 @@ def biformer_learner(data:Path, # ImageFolder root with train/ and val/
                               **model_kw)
     opt = partial(Adam, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.05, decouple_wd=True)
     return Learner(dls, model, loss_func=soft_target_ce, opt_func=opt, lr=lr, metrics=accuracy,
-                   cbs=[ParamScheduler({'lr': deit_schedule(lr, epochs)}), TimmMixupCB(len(classes)), ModelEmaCB()])
+                   cbs=[ParamScheduler({'lr': warmup_cosine(lr, epochs, warmup_lr=1e-6)}), EMACallback(0.99996),
+                        TimmMixup(Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=len(classes)))])
 
 @recipe('biformer_imagenet', paper='biformer', dataset='imagenet', epochs=300,
         description="BiFormer-S on ImageNet-1k, DeiT recipe: AdamW 5e-4×batch/512, wd 0.05, cosine, 5 warm-up epochs, "

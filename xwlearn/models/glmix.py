@@ -21,8 +21,7 @@ from timm.models import register_model, build_model_with_cfg, generate_default_c
 __all__ = ['GLNET_CFGS', 'default_cfgs', 'GLNET_PAPER', 'GLNET_PARAMS', 'GLMIX_TINY', 'GLNET_DROP_PATH', 'Attention',
            'slot_logits', 'soft_cluster', 'soft_dispatch', 'ConvMlp', 'GLMixBlock', 'MHSABlock', 'GLNetStage', 'GLNet',
            'xw_glnet_4g', 'xw_glnet_9g', 'xw_glnet_16g', 'xw_glnet_stl', 'count_macs', 'make_scenes', 'equal_macs_conv',
-           'slot_maps', 'fg_ari', 'grid_map', 'glmix_reproduction', 'glnet_imagenet_dls', 'soft_target_ce', 'MixupCB',
-           'NoDecay1D', 'EMACallback', 'warmup_cosine', 'glnet_imagenet']
+           'slot_maps', 'fg_ari', 'grid_map', 'glmix_reproduction', 'glnet_imagenet_dls', 'glnet_imagenet']
 
 # %% ../../nbs/40_backbones/02_models.glmix.ipynb #05d576f5
 from ..core import set_seed, reproduction, Measured
@@ -459,7 +458,7 @@ from fastai.callback.training import GradientClip
 from fastai.optimizer import Adam
 from fastai.metrics import accuracy
 from ..data import check_imagefolder_layout, ImageFolderDS, SeededDL, _list_imagefolder
-from ..recipes import recipe
+from ..recipes import recipe, soft_target_ce, TimmMixup, EMACallback, NoDecay1D, warmup_cosine
 
 # %% ../../nbs/40_backbones/02_models.glmix.ipynb #a5a740ea
 GLNET_DROP_PATH = {'xw_glnet_4g': 0.15, 'xw_glnet_9g': 0.3, 'xw_glnet_16g': 0.4, 'xw_glnet_stl': 0.1}  # README
@@ -482,39 +481,6 @@ def glnet_imagenet_dls(path, # ImageFolder root with train/ and val/
                        SeededDL(val, bs=bs, shuffle=False, **kw),
                        device=device if device is not None else ('cuda' if torch.cuda.is_available() else 'cpu'))
 
-def soft_target_ce(out:Tensor, targ:Tensor) -> Tensor:
-    "Cross-entropy against soft targets (B, K) after mixup/cutmix, or class indices (B,) in validation."
-    if targ.ndim == 2: return torch.sum(-targ * F.log_softmax(out.float(), -1), -1).mean()
-    return F.cross_entropy(out.float(), targ)
-
-class MixupCB(Callback):
-    "Applies timm's `Mixup` (mixup/cutmix with label smoothing) to every training batch; targets become soft."
-    order = 5
-    def __init__(self, mixup): self.mixup = mixup
-    def before_batch(self):
-        if self.training:
-            x, y = self.mixup(self.xb[0], self.yb[0]); self.learn.xb, self.learn.yb = (x,), (y,)
-
-class NoDecay1D(Callback):
-    "No weight decay on 1-D parameters (norms, biases, LayerScale), as the official optimizer factory."
-    def before_fit(self):
-        for p in self.learn.model.parameters():
-            if p.ndim == 1: self.learn.opt.state[p]['do_wd'] = False
-
-class EMACallback(Callback):
-    "Keeps `learn.model_ema` (timm `ModelEmaV3`), an exponential moving average of the weights, updated every step."
-    order = 70
-    def __init__(self, decay:float=0.9999): self.decay = decay
-    def before_fit(self):
-        from timm.utils import ModelEmaV3
-        if getattr(self.learn, 'model_ema', None) is None: self.learn.model_ema = ModelEmaV3(self.learn.model, decay=self.decay)
-    def after_step(self): self.learn.model_ema.update(self.learn.model)
-
-def warmup_cosine(lr:float, epochs:int, warmup:float=5, min_lr:float=1e-5):
-    "Linear warm-up from 0 over `warmup` epochs (at most half the run), then cosine to `min_lr`: a fastai schedule."
-    w = min(warmup / epochs, 0.5)
-    return combine_scheds([w, 1 - w], [SchedLin(0., lr), SchedCos(lr, min_lr)])
-
 @recipe('glnet_imagenet', paper='glmix', dataset='imagenet', epochs=300,
         description="GLNet-4G on ImageNet-1k, 224²: AdamW lr 2e-3 at global batch 2048 (linear scaling), wd 0.05, 5 warm-up "
                     "epochs + cosine to 1e-5, grad clip 5, drop path 0.15, EMA 0.9999, RandAugment m9, random erasing "
@@ -536,7 +502,7 @@ def glnet_imagenet(data:Path, epochs:int=300, smoke:bool=False,
                   num_classes=n_cls)
     learn = Learner(dls, model, loss_func=soft_target_ce, metrics=accuracy, lr=lr, wd=0.05, wd_bn_bias=False,
                     opt_func=partial(Adam, mom=0.9, sqr_mom=0.999, eps=1e-8, decouple_wd=True),
-                    cbs=[MixupCB(mixup), NoDecay1D(), GradientClip(5.0), EMACallback(0.9999),
+                    cbs=[TimmMixup(mixup), NoDecay1D(), GradientClip(5.0), EMACallback(0.9999),
                          ParamScheduler({'lr': warmup_cosine(lr, epochs)})])
     if torch.cuda.is_available(): learn.to_fp16()
     return learn
