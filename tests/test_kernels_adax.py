@@ -125,3 +125,68 @@ def test_cpu_without_interpreter_uses_reference(monkeypatch):
 
 def test_fused_and_foreach_exclusive():
     with pytest.raises(ValueError, match="cannot both"): AdaX([torch.nn.Parameter(torch.zeros(1))], fused=True, foreach=True)
+
+
+@pytest.mark.parametrize("dtype, loads, stores", [(torch.float32, 8, 6), (torch.bfloat16, 6, 5)])
+def test_aligned_kernel_uses_128_bit_accesses(dtype, loads, stores):
+    "sm_90 PTX compiled ahead of time (no GPU needed): full blocks of the aligned variant use ld/st.global.v4 only."
+    ptx = K.adax_kernel_ptx(dtype, aligned=True, block=2048, chunk=16384, num_warps=8)
+    ops = K.ptx_global_ops(ptx)
+    # 8 elements per thread and tensor: fp32 2 × 16 B each for θ, g, m, v̂ (stores θ, m, v̂); bf16 θ and g 1 × 16 B
+    assert (ops["ld.v4"], ops["st.v4"]) == (loads, stores), ops
+    un = K.ptx_global_ops(K.adax_kernel_ptx(dtype, aligned=False, block=2048, chunk=16384, num_warps=8))
+    assert un["ld.v4"] == un["ld.v2"] == 0 and un["ld"] > ops["ld"], un
+
+
+def test_ptx_rejects_bad_dtype():
+    with pytest.raises(ValueError, match="`p_dtype` must be one of"): K.adax_kernel_ptx(torch.int32)
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_unaligned_views_take_the_general_launch(dev, monkeypatch):
+    "θ views at +4 bytes (unaligned) and aligned tensors in one step: two launches, both equal to the reference."
+    launches = []
+    real = K._adax_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append(kw["ALIGNED"]); return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(K, "_adax_kernel", Spy())
+    g = torch.Generator().manual_seed(5)
+    flat = torch.randn(1 + 700 + 1 + 333, generator=g).to(dev)
+    ps = [flat[1:701].view(7, 100), flat[702:], torch.randn(257, generator=g).to(dev)]
+    assert [K._aligned16(p) for p in ps] == [False, False, True]
+    a = [ps] + [[torch.randn(p.shape, generator=g).to(dev) for p in ps] for _ in range(3)]
+    a[3] = [v.abs() for v in a[3]]
+    b = [[t.clone() for t in ts] for ts in a]
+    kw = dict(lr=1e-2, beta1=0.9, beta2_hat=adax_beta2_hat(3, 1e-4), eps_hat=adax_eps_hat(3, 1e-4, 1e-12),
+              weight_decay=5e-4, decoupled=False)
+    K.adax_fused_step(*a, **kw, block=128, chunk=256); K.adax_step_ref(*b, **kw)
+    assert sorted(launches) == [False, True]
+    for xs, ys in zip(a, b):
+        for x, y in zip(xs, ys): torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(CUDA, reason="the real benchmark runs on the GPU (kernels/gpu_check.sh)")
+def test_benchmark_script_dry_run_on_cpu(monkeypatch):
+    "kernels/bench_adax_step.py end to end on CPU tensors (interpreter, tiny sizes, a wall-clock timer): no GPU minutes lost to a script bug."
+    import importlib.util, time, triton.testing as tt
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("xw_bench_adax_dry", Path(__file__).parents[1] / "kernels/bench_adax_step.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "DEV", "cpu")
+    monkeypatch.setattr(mod, "CHECK_SHAPES", [(1,), (37,), (3, 301)])
+    monkeypatch.setattr(mod, "CONFIGS", [dict(block=1024, chunk=1024, num_warps=4), dict(block=512, chunk=2048, num_warps=4)])
+
+    def do_bench(fn, return_mode="median"):
+        fn(); t = time.perf_counter(); fn(); return 1e3 * (time.perf_counter() - t)
+    monkeypatch.setattr(tt, "do_bench", do_bench)
+    r = mod.bench(roof_gbps=1.0, n_params=4 * 1500, n_tensors=4)
+    assert set(r["rows"]) == {"torch Adam(fused=True)", "torch Adam(foreach=True)", "xwlearn AdaXW (reference, foreach)",
+                              "xwlearn AdaXW(fused=True)", "xwlearn AdaXW(fused=True), unaligned θ",
+                              "xwlearn AdaXW(fused=True), bf16 params"}
+    assert r["check_max_rel_err"]["torch.float32"]["max_rel_err"] < 1e-5 and len(r["sweep"]) == 2
+    assert all(v["ms"] > 0 and v["vs_fused_adam"] > 0 for v in r["rows"].values())
+    assert isinstance(r["met"], bool)

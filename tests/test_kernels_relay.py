@@ -113,3 +113,34 @@ def test_baselines(dev, dtype):
     torch.testing.assert_close(KR.relay_official(q, ks, vs, kr, vr, req_lens=rl).float(), o_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(KR.relay_official(q, ks, vs, kr, vr).float(),
                                relay_attention(q.float(), ks.float(), vs.float(), kr.float(), vr.float()), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_int64_index_path_matches(dev, monkeypatch):
+    "The 64-bit index variant (taken when a tensor spans ≥ 2³¹ elements) gives the same result as the 32-bit one."
+    c = SMALL[1]; q, ks, vs, kr, vr, rl = problem(dev, torch.float32, **c)
+    o32 = KR.relay_decode(q, ks, vs, kr, vr, req_lens=rl, num_splits=c["S"])
+    f32 = KR.flash_decode(q, kr, vr, kv_lens=rl, num_splits=2, block_n=16)
+    real, seen = KR._needs_i64, []
+    monkeypatch.setattr(KR, "_needs_i64", lambda *ts: seen.append(len(ts)) or True)
+    o64 = KR.relay_decode(q, ks, vs, kr, vr, req_lens=rl, num_splits=c["S"])
+    f64 = KR.flash_decode(q, kr, vr, kv_lens=rl, num_splits=2, block_n=16)
+    assert seen == [6, 4]
+    torch.testing.assert_close(o64, o32, rtol=0, atol=0)
+    for a, b in zip(f64, f32): torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not real(q, torch.empty(1).expand(2**16, 2**15 - 1)) and real(q, torch.empty(1).expand(2**16, 2**15))
+
+
+def test_flash_decode_batch_heads_on_unbounded_grid_axis(monkeypatch):
+    "B·H_kv = 70,000 programs go on grid axis 0 (CUDA limits axes 1 and 2 to 65,535)."
+    grids = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid); return lambda *a, **k: None
+    monkeypatch.setattr(KR, "_flash_decode_kernel", Spy())
+    monkeypatch.setattr(KR, "_use_triton", lambda *ts: True)
+    B, Hk, D = 35_000, 2, 16
+    q = torch.zeros(B, 2 * Hk, 1, D); k = torch.zeros(B, Hk, 8, D)
+    KR.flash_decode(q, k, k, num_splits=1)
+    assert grids[0][0] == B * Hk and max(grids[0][1:]) <= 65_535

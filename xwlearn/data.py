@@ -7,9 +7,9 @@ Docs: https://xwlearn.github.io/xwlearn/00_core/data.html.md"""
 # %% auto #0
 __all__ = ['SHAPE_CLASSES', 'CIFAR10_CLASSES', 'CIFAR10_STATS', 'IMAGENET_STATS', 'DatasetLayoutError', 'TensorDS', 'SeededDL',
            'TensorDL', 'tensor_dls', 'show_image_grid', 'digits_arrays', 'digits_dls', 'cache_dir', 'mnist1d_arrays',
-           'mnist1d_dls', 'make_shapes_classification', 'batch_crop', 'ImageBatchTfm', 'shapes_dls',
+           'mnist1d_dls', 'shape_mask', 'make_shapes_classification', 'batch_crop', 'ImageBatchTfm', 'shapes_dls',
            'write_imagefolder', 'write_cifar10_pickles', 'check_cifar10_layout', 'check_imagefolder_layout',
-           'read_cifar10', 'cifar10_dls', 'ImageFolderDS', 'imagenet_dls']
+           'read_cifar10', 'cifar10_dls', 'list_imagefolder', 'ImageFolderDS', 'imagenet_dls']
 
 # %% ../nbs/00_core/01_data.ipynb #49911984
 import os, pickle, random, hashlib, json, tempfile, importlib.metadata
@@ -194,7 +194,7 @@ def mnist1d_dls(bs:int=128, seed:int=0, # shuffle seed
 # %% ../nbs/00_core/01_data.ipynb #d4486507
 SHAPE_CLASSES = ('circle', 'square', 'triangle', 'cross', 'ring')
 
-def _shape_mask(kind, u, v, r):
+def shape_mask(kind, u, v, r):
     "Boolean mask of shape `kind` for coordinates `u,v` (n,H,W) in its rotated frame and radius `r` (n,1,1)."
     if kind == 'circle': return u**2 + v**2 <= r**2
     if kind == 'ring': return ((u**2 + v**2) <= r**2) & ((u**2 + v**2) >= (0.55 * r)**2)
@@ -229,7 +229,7 @@ def make_shapes_classification(n:int, size:int=32, seed:int=0,
         if not len(i): continue
         dy, dx = grid[None, :, None] - cy[i, None, None], grid[None, None, :] - cx[i, None, None]
         c, s = np.cos(theta[i])[:, None, None], np.sin(theta[i])[:, None, None]
-        m = _shape_mask(kind, c * dx + s * dy, -s * dx + c * dy, r[i, None, None])[..., None]
+        m = shape_mask(kind, c * dx + s * dy, -s * dx + c * dy, r[i, None, None])[..., None]
         im = np.where(m, fg[i, None, None], bg[i, None, None]) + noise[i]
         images[i] = np.clip(np.rint(im * 255), 0, 255).astype(np.uint8)
     return images, labels, list(classes)
@@ -472,7 +472,7 @@ def cifar10_dls(path, # root holding cifar-10-batches-py/ (or that folder itself
 # %% ../nbs/00_core/01_data.ipynb #8a7a8031
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-def _list_imagefolder(d:Path, classes, n_per_class=None):
+def list_imagefolder(d:Path, classes, n_per_class=None):
     "[(path, class index)] for the sorted image files of each class folder present in `d`."
     samples = []
     for i, c in enumerate(classes):
@@ -516,8 +516,8 @@ def imagenet_dls(path, # root with train/ and val/ class folders
     trn_tfm = (T.Compose([T.RandomResizedCrop(size, scale=(min_scale, 1.0)), T.RandomHorizontalFlip(), T.PILToTensor()])
                if augment else T.Compose([T.Resize(resize), T.CenterCrop(size), T.PILToTensor()]))
     val_tfm = T.Compose([T.Resize(resize), T.CenterCrop(size), T.PILToTensor()])
-    trn = ImageFolderDS(_list_imagefolder(path/splits[0], classes, n_per_class), trn_tfm, classes, seed)
-    val = ImageFolderDS(_list_imagefolder(path/splits[1], classes, n_per_class), val_tfm, classes, seed)
+    trn = ImageFolderDS(list_imagefolder(path/splits[0], classes, n_per_class), trn_tfm, classes, seed)
+    val = ImageFolderDS(list_imagefolder(path/splits[1], classes, n_per_class), val_tfm, classes, seed)
     kw = dict(num_workers=num_workers, pin_memory=device.type == 'cuda' if pin_memory is None else pin_memory, **kwargs)
     return DataLoaders(SeededDL(trn, bs=bs, shuffle=True, drop_last=len(trn) > bs, seed=seed,
                                 after_batch=ImageBatchTfm(*stats), **kw),

@@ -20,7 +20,7 @@ __all__ = ['COCO_SPLITS', 'COCO_STATS', 'make_shapes_detection', 'write_coco_sha
 
 # %% ../../nbs/50_detection/00_detection.core.ipynb #1509205b
 from ..core import set_seed  # xwlearn.core first: it silences fastai's torch.jit deprecation warning
-from ..data import DatasetLayoutError, SeededDL, SHAPE_CLASSES, _shape_mask
+from ..data import DatasetLayoutError, SeededDL, SHAPE_CLASSES, shape_mask
 
 # %% ../../nbs/50_detection/00_detection.core.ipynb #23304f10
 from fastai.data.core import DataLoaders
@@ -52,7 +52,7 @@ def make_shapes_detection(n:int, # number of images
             else: continue
             k = int(rng.integers(len(classes))); th = rng.uniform(0, 2 * np.pi)
             dy, dx = grid[:, None] - cy, grid[None, :] - cx
-            m = _shape_mask(classes[k], np.cos(th) * dx + np.sin(th) * dy, -np.sin(th) * dx + np.cos(th) * dy, r)
+            m = shape_mask(classes[k], np.cos(th) * dx + np.sin(th) * dy, -np.sin(th) * dx + np.cos(th) * dy, r)
             if m.sum() < 4: continue
             im[m] = (bg + rng.uniform(0.3, 0.7, 3)) % 1.0            # colour at least 0.3 from the background
             ys, xs = np.nonzero(m)

@@ -6,14 +6,14 @@ Docs: https://xwlearn.github.io/xwlearn/90_kernels/kernels.adax_step.html.md"""
 
 # %% ../../nbs/90_kernels/01_kernels.adax_step.ipynb #705dd1ec
 from __future__ import annotations
-import os
+import os, re, subprocess, sys
 import torch
 from torch import Tensor
 import triton
 import triton.language as tl
 
 # %% auto #0
-__all__ = ['ADAX_KERNEL_CONFIG', 'adax_step_ref', 'fused_supported', 'adax_fused_step']
+__all__ = ['ADAX_KERNEL_CONFIG', 'adax_step_ref', 'fused_supported', 'adax_fused_step', 'adax_kernel_ptx', 'ptx_global_ops']
 
 # %% ../../nbs/90_kernels/01_kernels.adax_step.ipynb #82568649
 def adax_step_ref(params:list[Tensor], # θ (fp32 or bf16), updated in place
@@ -40,35 +40,55 @@ def adax_step_ref(params:list[Tensor], # θ (fp32 or bf16), updated in place
 
 # %% ../../nbs/90_kernels/01_kernels.adax_step.ipynb #7f36eed1
 @triton.jit
+def _adax_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, n,                     # typed pointers, (BLOCK,) offsets, numel
+                lr, wd, decay, lerp_w, b2, one_m_b2, eps_hat,
+                P_DTYPE: tl.constexpr, L2: tl.constexpr, DECOUPLED: tl.constexpr, MASKED: tl.constexpr):
+    "Update the BLOCK elements at `offs` of one tensor: read θ, g, m, v̂ once, write θ, m, v̂ once."
+    if MASKED:
+        mask = offs < n                                                  # the tensor's last, partial block
+    else:
+        mask = None                                                      # full block: no mask, vector loads
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask)
+    v = tl.load(v_ptr + offs, mask=mask)
+    if DECOUPLED: p = p * decay                                          # θ ← θ(1 − αλ)
+    if L2: g = g + wd * p                                                # g ← g + λθ
+    m = m + lerp_w * (g - m)                                             # m ← m + (1−β₁)(g − m)  (= torch lerp)
+    v = v * b2 + one_m_b2 * (g * g)                                      # v̂ ← β̂₂ v̂ + (1−β̂₂) g²
+    p = p - lr * tl.div_rn(m, tl.sqrt_rn(v) + eps_hat)                   # θ ← θ − α m/(√v̂ + ε̂)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+
+@triton.jit
 def _adax_kernel(chunk_ptr,   # (n_chunks, 2) int32: tensor index, first element of this program's chunk
                  ptrs_ptr,    # (n_tensors, 4) int64: addresses of θ, g, m, v̂
                  numel_ptr,   # (n_tensors,) int32: elements per tensor
                  lr, wd, decay, lerp_w, b2, one_m_b2, eps_hat,            # fp32 scalars of this step
                  P_DTYPE: tl.constexpr, L2: tl.constexpr, DECOUPLED: tl.constexpr,
+                 ALIGNED: tl.constexpr,                                  # all four addresses 16-byte aligned (host checks)
                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     i = tl.load(chunk_ptr + 2 * pid)                                     # which tensor
-    start = tl.load(chunk_ptr + 2 * pid + 1)                             # where its chunk begins
+    start = tl.load(chunk_ptr + 2 * pid + 1)                             # where its chunk begins (a multiple of BLOCK)
     n = tl.load(numel_ptr + i)
     p_ptr = tl.load(ptrs_ptr + 4 * i).to(tl.pointer_type(P_DTYPE))       # int64 address -> typed pointer
     g_ptr = tl.load(ptrs_ptr + 4 * i + 1).to(tl.pointer_type(P_DTYPE))
     m_ptr = tl.load(ptrs_ptr + 4 * i + 2).to(tl.pointer_type(tl.float32))
     v_ptr = tl.load(ptrs_ptr + 4 * i + 3).to(tl.pointer_type(tl.float32))
-    for k in range(0, CHUNK, BLOCK):
-        offs = start + k + tl.arange(0, BLOCK)
-        mask = offs < n                                                  # the tensor's last chunk is partial
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)              # read θ, g, m, v̂ once ...
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask)
-        v = tl.load(v_ptr + offs, mask=mask)
-        if DECOUPLED: p = p * decay                                      # θ ← θ(1 − αλ)
-        if L2: g = g + wd * p                                            # g ← g + λθ
-        m = m + lerp_w * (g - m)                                         # m ← m + (1−β₁)(g − m)  (= torch lerp)
-        v = v * b2 + one_m_b2 * (g * g)                                  # v̂ ← β̂₂ v̂ + (1−β̂₂) g²
-        p = p - lr * tl.div_rn(m, tl.sqrt_rn(v) + eps_hat)               # θ ← θ − α m/(√v̂ + ε̂)
-        tl.store(m_ptr + offs, m, mask=mask)                             # ... and write θ, m, v̂ once
-        tl.store(v_ptr + offs, v, mask=mask)
-        tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+    if ALIGNED:                                                          # tell the compiler what the host checked
+        p_ptr = tl.multiple_of(p_ptr, 16); g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16); v_ptr = tl.multiple_of(v_ptr, 16)
+        start = tl.multiple_of(start, BLOCK)
+    end = tl.minimum(start + CHUNK, n)                                   # stop at the tensor's end
+    full_end = start + (end - start) // BLOCK * BLOCK
+    for o in range(start, full_end, BLOCK):                              # full blocks, unmasked
+        _adax_block(p_ptr, g_ptr, m_ptr, v_ptr, tl.multiple_of(o, BLOCK) + tl.arange(0, BLOCK), n,
+                    lr, wd, decay, lerp_w, b2, one_m_b2, eps_hat, P_DTYPE, L2, DECOUPLED, False)
+    if full_end < end:                                                   # the partial block, masked
+        _adax_block(p_ptr, g_ptr, m_ptr, v_ptr, full_end + tl.arange(0, BLOCK), n,
+                    lr, wd, decay, lerp_w, b2, one_m_b2, eps_hat, P_DTYPE, L2, DECOUPLED, True)
 
 # %% ../../nbs/90_kernels/01_kernels.adax_step.ipynb #2b607e76
 _INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'   # kernels defined under the interpreter run on CPU tensors
@@ -82,6 +102,10 @@ def fused_supported(p:Tensor, g:Tensor, m:Tensor, v:Tensor) -> bool:
     if p.dtype not in _TL_DTYPES or g.dtype != p.dtype or m.dtype != torch.float32 or v.dtype != torch.float32: return False
     ts = (p, g, m, v)
     return all(t.device == p.device and t.is_contiguous() and t.shape == p.shape for t in ts) and p.numel() < 2**31
+
+def _aligned16(*ts:Tensor) -> bool:
+    "Are all these tensors' first elements at 16-byte aligned addresses (so the kernel may use 128-bit accesses)?"
+    return all(t.data_ptr() % 16 == 0 for t in ts)
 
 def _tables(params, grads, exp_avgs, exp_avg_sqs, chunk):
     "(chunk table, pointer table, numel table) for these tensors, cached by addresses and sizes."
@@ -110,23 +134,61 @@ def adax_fused_step(params:list[Tensor], # θ (fp32/bf16/fp16, contiguous), upda
                     *, lr:float, beta1:float, beta2_hat:float, eps_hat:float, weight_decay:float, decoupled:bool,
                     block:int|None=None, chunk:int|None=None, num_warps:int|None=None, # launch config; None: ADAX_KERNEL_CONFIG
                    ):
-    "One AdaX step over all tensors: one Triton launch per parameter dtype; tensors the kernel can't take use `adax_step_ref`."
+    "One AdaX step over all tensors: one Triton launch per (dtype, alignment); tensors the kernel can't take use `adax_step_ref`."
     cfg = ADAX_KERNEL_CONFIG
     block = block or cfg['block']; chunk = max(chunk or cfg['chunk'], block); num_warps = num_warps or cfg['num_warps']
     chunk = chunk // block * block
     groups, rest = {}, []
     for i, ts in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         if ts[0].numel() == 0: continue
-        if fused_supported(*ts): groups.setdefault((ts[0].dtype, ts[0].device), []).append(i)
+        if fused_supported(*ts): groups.setdefault((ts[0].dtype, ts[0].device, _aligned16(*ts)), []).append(i)
         else: rest.append(i)
     wd = weight_decay
-    for (dt, dev), idx in groups.items():
+    for (dt, dev, aligned), idx in groups.items():
         sel = lambda xs: [xs[i] for i in idx]
         chunks, ptrs, numel = _tables(sel(params), sel(grads), sel(exp_avgs), sel(exp_avg_sqs), chunk)
         _adax_kernel[(chunks.shape[0],)](chunks, ptrs, numel, lr, wd, 1 - lr * wd, 1 - beta1, beta2_hat, 1 - beta2_hat,
                                          eps_hat, P_DTYPE=_TL_DTYPES[dt], L2=wd != 0 and not decoupled,
-                                         DECOUPLED=wd != 0 and decoupled, CHUNK=chunk, BLOCK=block, num_warps=num_warps)
+                                         DECOUPLED=wd != 0 and decoupled, ALIGNED=aligned, CHUNK=chunk, BLOCK=block,
+                                         num_warps=num_warps)
     if rest:
         sel = lambda xs: [xs[i] for i in rest]
         adax_step_ref(sel(params), sel(grads), sel(exp_avgs), sel(exp_avg_sqs), lr=lr, beta1=beta1,
                       beta2_hat=beta2_hat, eps_hat=eps_hat, weight_decay=wd, decoupled=decoupled)
+
+# %% ../../nbs/90_kernels/01_kernels.adax_step.ipynb #f0d1cd9b
+def adax_kernel_ptx(p_dtype:torch.dtype=torch.float32, # θ's dtype (fp32, bf16 or fp16)
+                    aligned:bool=True, # compile the 16-byte-aligned variant (128-bit accesses) or the general one
+                    block:int|None=None, chunk:int|None=None, num_warps:int|None=None, # None: ADAX_KERNEL_CONFIG
+                    arch:int=90, # compute capability to compile for (90: H100)
+                   ) -> str:
+    "PTX of `_adax_kernel` (AdaX-W variant) compiled ahead of time for an NVIDIA GPU — no GPU needed."
+    if p_dtype not in _TL_DTYPES: raise ValueError(f"`p_dtype` must be one of {list(_TL_DTYPES)}, got {p_dtype}")
+    cfg = ADAX_KERNEL_CONFIG
+    block = block or cfg['block']; chunk = max(chunk or cfg['chunk'], block) // block * block
+    num_warps = num_warps or cfg['num_warps']
+    if _INTERPRET:   # this process defined the kernels for the interpreter: compile in one that did not
+        env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+        code = (f"import sys, torch; from xwlearn.kernels.adax import adax_kernel_ptx; sys.stdout.write(adax_kernel_ptx("
+                f"torch.{str(p_dtype).split('.')[-1]}, {aligned}, {block}, {chunk}, {num_warps}, {arch}))")
+        r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True)
+        if r.returncode: raise RuntimeError(f"ahead-of-time compilation failed:\n{r.stderr[-3000:]}")
+        return r.stdout
+    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget
+    sig = dict(chunk_ptr='*i32', ptrs_ptr='*i64', numel_ptr='*i32', **{a: 'fp32' for a in
+               ('lr', 'wd', 'decay', 'lerp_w', 'b2', 'one_m_b2', 'eps_hat')},
+               **{a: 'constexpr' for a in ('P_DTYPE', 'L2', 'DECOUPLED', 'ALIGNED', 'CHUNK', 'BLOCK')})
+    consts = dict(P_DTYPE=_TL_DTYPES[p_dtype], L2=False, DECOUPLED=True, ALIGNED=aligned, CHUNK=chunk, BLOCK=block)
+    src = ASTSource(fn=_adax_kernel, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget('cuda', arch, 32), options=dict(num_warps=num_warps)).asm['ptx']
+
+def ptx_global_ops(ptx:str) -> dict:
+    "Count global loads/stores in PTX by vector width: keys 'ld', 'ld.v2', 'ld.v4', 'st', 'st.v2', 'st.v4'."
+    out = {}
+    for op in ('ld', 'st'):
+        for m in re.finditer(rf'^\s*(?:@%p\d+\s+)?{op}\.global\S*', ptx, re.M):
+            w = re.search(r'\.v(\d)', m.group(0))
+            k = f"{op}.v{w.group(1)}" if w else op
+            out[k] = out.get(k, 0) + 1
+    return {k: out.get(k, 0) for k in ('ld', 'ld.v2', 'ld.v4', 'st', 'st.v2', 'st.v4')}

@@ -72,6 +72,10 @@ def _use_triton(*ts) -> bool:
     "Run the Triton kernels: on CUDA tensors, or on CPU tensors when they were defined under `TRITON_INTERPRET=1`."
     return all(t.is_cuda for t in ts) or (_INTERPRET and not any(t.is_cuda for t in ts))
 
+def _needs_i64(*ts:Tensor) -> bool:
+    "Does any of these tensors span 2³¹ elements or more (so int32 offsets into it would wrap)?"
+    return any(t.numel() >= 2**31 for t in ts)
+
 def _f32_dots(t:Tensor) -> bool:
     "fp32 inputs use IEEE fp32 dots (not tf32); so does the interpreter, whose bf16 `tl.dot` is wrong (triton 3.8)."
     return t.dtype == torch.float32 or (_INTERPRET and not t.is_cuda)
@@ -146,9 +150,10 @@ def _store_partial(O, LSE, acc, m_i, l_i, o_rows, rvalid, cols, D):
 @triton.jit
 def _flash_decode_kernel(Q, K, V, O, LSE, KVL, qk_scale, B, H, M, N, D, G, split_len,
                          sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                         HAS_LENS: tl.constexpr, G_PAD: tl.constexpr, IEEE: tl.constexpr,
+                         HAS_LENS: tl.constexpr, G_PAD: tl.constexpr, IEEE: tl.constexpr, I64: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0); bh = tl.program_id(1); sid = tl.program_id(2)
+    bh = tl.program_id(0); pid_m = tl.program_id(1); sid = tl.program_id(2)  # B·H_kv on axis 0: no 65,535 limit
+    if I64: bh = bh.to(tl.int64)                                      # offsets past 2³¹ elements: 64-bit index math
     b = bh // (H // G); hk = bh % (H // G)                            # batch, KV head
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                       # rows = (query m, group head g)
     g = r % G_PAD; mi = r // G_PAD
@@ -230,11 +235,11 @@ def flash_decode(q:Tensor, # queries (B, H, M, D); decode is M = 1 (any M works:
     o = torch.empty((num_splits, B, H, M, D), dtype=odt, device=q.device)
     lse = torch.empty((num_splits, B, H, M), dtype=torch.float32, device=q.device)
     lens = kv_lens.to(device=q.device, dtype=torch.int32) if kv_lens is not None else o
-    grid = (n_m, B * Hk, num_splits)
+    grid = (B * Hk, n_m, num_splits)
     _flash_decode_kernel[grid](q, k, v, o, lse, lens, scale * _LOG2E, B, H, M, N, D, G, split_len,
                                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                v.stride(0), v.stride(1), v.stride(2), HAS_LENS=kv_lens is not None, G_PAD=G_PAD,
-                               IEEE=_f32_dots(q), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                               IEEE=_f32_dots(q), I64=_needs_i64(q, k, v, o), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
                                num_warps=num_warps, num_stages=num_stages)
     if num_splits == 1: return o[0], lse[0]
     return _combine(o, lse, q.dtype)
@@ -243,10 +248,11 @@ def flash_decode(q:Tensor, # queries (B, H, M, D); decode is M = 1 (any M works:
 @triton.jit
 def _relay_decode_kernel(Q, KS, VS, KR, VR, O, LSE, RL, qk_scale, B, H, L_sys, L_req, D, G, split_len, split_r,
                          sqb, sqh, sks, skn, svs, svn, srb, srh, srn, swb, swh, swn,
-                         HAS_LENS: tl.constexpr, G_PAD: tl.constexpr, BB: tl.constexpr, IEEE: tl.constexpr,
+                         HAS_LENS: tl.constexpr, G_PAD: tl.constexpr, BB: tl.constexpr, IEEE: tl.constexpr, I64: tl.constexpr,
                          BLOCK_M: tl.constexpr, COLS: tl.constexpr,  # BLOCK_M = BB·G_PAD rows, COLS = BB·BLOCK_NR
                          BLOCK_N: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_D: tl.constexpr):
     b0 = tl.program_id(0) * BB; hk = tl.program_id(1); sid = tl.program_id(2)
+    if I64: b0 = b0.to(tl.int64)                                      # offsets past 2³¹ elements: 64-bit index math
     r = tl.arange(0, BLOCK_M); rb = r // G_PAD; g = r % G_PAD         # row -> (batch offset, group head)
     b = b0 + rb; h = hk * G + g
     rvalid = (b < B) & (g < G)
@@ -333,7 +339,8 @@ def relay_decode(q:Tensor, # queries of one decode step (B, H, 1, D)
                                split_len, split_r, q.stride(0), q.stride(1), k_sys.stride(0), k_sys.stride(1),
                                v_sys.stride(0), v_sys.stride(1), k_req.stride(0), k_req.stride(1), k_req.stride(2),
                                v_req.stride(0), v_req.stride(1), v_req.stride(2), HAS_LENS=req_lens is not None,
-                               G_PAD=G_PAD, BB=BB, IEEE=_f32_dots(q), BLOCK_M=BB * G_PAD, COLS=BB * BLOCK_NR, BLOCK_N=BLOCK_N, BLOCK_NR=BLOCK_NR,
+                               G_PAD=G_PAD, BB=BB, IEEE=_f32_dots(q), I64=_needs_i64(q, k_sys, v_sys, k_req, v_req, o),
+                               BLOCK_M=BB * G_PAD, COLS=BB * BLOCK_NR, BLOCK_N=BLOCK_N, BLOCK_NR=BLOCK_NR,
                                BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages)
     if n_prog == 1: o, l = o[0], lse[0]
     else: o, l = _combine(o, lse, q.dtype)

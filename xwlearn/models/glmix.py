@@ -286,7 +286,7 @@ def count_macs(model:nn.Module, size:int|tuple=224, in_chans:int=3, device='meta
     return fc.get_total_flops() // 2
 
 # %% ../../nbs/40_backbones/02_models.glmix.ipynb #ce6ed2be
-from ..data import SHAPE_CLASSES, _shape_mask   # the shape rasteriser shared with `make_shapes_classification`
+from ..data import SHAPE_CLASSES, shape_mask   # the shape rasteriser shared with `make_shapes_classification`
 
 # %% ../../nbs/40_backbones/02_models.glmix.ipynb #92fe19b3
 def make_scenes(n:int, size:int=32,
@@ -306,7 +306,7 @@ def make_scenes(n:int, size:int=32,
             for _ in range(20):
                 r = rng.uniform(*scale) * size; cy, cx = rng.uniform(r, size - r, 2); th = rng.uniform(0, 2 * np.pi)
                 dy, dx = grid[:, None] - cy, grid[None, :] - cx
-                m = _shape_mask(classes[c], np.cos(th) * dx + np.sin(th) * dy, -np.sin(th) * dx + np.cos(th) * dy, r)
+                m = shape_mask(classes[c], np.cos(th) * dx + np.sin(th) * dy, -np.sin(th) * dx + np.cos(th) * dy, r)
                 if (m & (masks[i] > 0)).sum() <= max_overlap * m.sum(): break
             im[m] = rng.uniform(0.45, 1.0, 3); masks[i][m] = j + 1; labels[i, c] = 1
         images[i] = np.clip(np.rint((im + rng.normal(0, noise, im.shape)) * 255), 0, 255)
@@ -457,7 +457,7 @@ from fastai.callback.schedule import ParamScheduler, SchedLin, SchedCos, combine
 from fastai.callback.training import GradientClip
 from fastai.optimizer import Adam
 from fastai.metrics import accuracy
-from ..data import check_imagefolder_layout, ImageFolderDS, SeededDL, _list_imagefolder
+from ..data import check_imagefolder_layout, ImageFolderDS, SeededDL, list_imagefolder
 from ..recipes import recipe, soft_target_ce, TimmMixup, EMACallback, NoDecay1D, warmup_cosine
 
 # %% ../../nbs/40_backbones/02_models.glmix.ipynb #a5a740ea
@@ -474,8 +474,8 @@ def glnet_imagenet_dls(path, # ImageFolder root with train/ and val/
     trn_tfm = create_transform(size, is_training=True, color_jitter=0.4, auto_augment='rand-m9-mstd0.5-inc1',
                                interpolation='bicubic', re_prob=0.25, re_mode='pixel', re_count=1)
     val_tfm = create_transform(size, is_training=False, interpolation='bicubic', crop_pct=224 / 256)
-    trn = ImageFolderDS(_list_imagefolder(path/'train', classes, n_per_class), trn_tfm, classes, seed)
-    val = ImageFolderDS(_list_imagefolder(path/'val', classes, n_per_class), val_tfm, classes, seed)
+    trn = ImageFolderDS(list_imagefolder(path/'train', classes, n_per_class), trn_tfm, classes, seed)
+    val = ImageFolderDS(list_imagefolder(path/'val', classes, n_per_class), val_tfm, classes, seed)
     kw = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available())
     return DataLoaders(SeededDL(trn, bs=bs, shuffle=True, drop_last=True, seed=seed, **kw),
                        SeededDL(val, bs=bs, shuffle=False, **kw),
