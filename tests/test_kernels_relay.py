@@ -119,15 +119,14 @@ def test_baselines(dev, dtype):
 def test_int64_index_path_matches(dev, monkeypatch):
     "The 64-bit index variant (taken when a tensor spans ≥ 2³¹ elements) gives the same result as the 32-bit one."
     c = SMALL[1]; q, ks, vs, kr, vr, rl = problem(dev, torch.float32, **c)
-    o32 = KR.relay_decode(q, ks, vs, kr, vr, req_lens=rl, num_splits=c["S"])
-    f32 = KR.flash_decode(q, kr, vr, kv_lens=rl, num_splits=2, block_n=16)
+    run = lambda: (KR.relay_decode(q, ks, vs, kr, vr, req_lens=rl, num_splits=2, block_n=16),   # split-K: 2 programs
+                   *KR.flash_decode(q.transpose(0, 2), ks[None], vs[None], num_splits=2, block_n=16))  # + combine
+    r32 = run()
     real, seen = KR._needs_i64, []
     monkeypatch.setattr(KR, "_needs_i64", lambda *ts: seen.append(len(ts)) or True)
-    o64 = KR.relay_decode(q, ks, vs, kr, vr, req_lens=rl, num_splits=c["S"])
-    f64 = KR.flash_decode(q, kr, vr, kv_lens=rl, num_splits=2, block_n=16)
-    assert seen == [6, 4]
-    torch.testing.assert_close(o64, o32, rtol=0, atol=0)
-    for a, b in zip(f64, f32): torch.testing.assert_close(a, b, rtol=0, atol=0)
+    r64 = run()
+    assert seen == [6, 1, 4, 1]                               # relay_decode + its combine, flash_decode + its combine
+    for a, b in zip(r64, r32): torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not real(q, torch.empty(1).expand(2**16, 2**15 - 1)) and real(q, torch.empty(1).expand(2**16, 2**15))
 
 

@@ -181,9 +181,10 @@ def _flash_decode_kernel(Q, K, V, O, LSE, KVL, qk_scale, B, H, M, N, D, G, split
 
 # %% ../../nbs/90_kernels/02_kernels.relay_attention.ipynb #6db9aa2d
 @triton.jit
-def _combine_kernel(OP, LP, O, L, S, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _combine_kernel(OP, LP, O, L, S, R, D, I64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     "Merge S partial attentions (S, R, D) by their LSEs (the n-way version of `_lse_merge_kernel`)."
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R); cols = tl.arange(0, BLOCK_D)
+    if I64: rows = rows.to(tl.int64)                                  # partials past 2³¹ elements
     rmask = rows < R; mask = rmask[:, None] & (cols[None, :] < D)
     m = tl.full([BLOCK_R], float('-inf'), tl.float32)
     for s in range(0, S): m = tl.maximum(m, tl.load(LP + s * R + rows, mask=rmask, other=float('-inf')))
@@ -202,7 +203,7 @@ def _combine(op, lp, dtype):
     S, D = op.shape[0], op.shape[-1]; R = lp[0].numel()
     out = torch.empty(op.shape[1:], dtype=dtype, device=op.device); lse = torch.empty(lp.shape[1:], dtype=torch.float32, device=op.device)
     BLOCK_D = triton.next_power_of_2(D); BLOCK_R = max(1, min(32, 4096 // BLOCK_D))
-    _combine_kernel[(triton.cdiv(R, BLOCK_R),)](op, lp, out, lse, S, R, D, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+    _combine_kernel[(triton.cdiv(R, BLOCK_R),)](op, lp, out, lse, S, R, D, I64=_needs_i64(op), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
     return out, lse
 
 # %% ../../nbs/90_kernels/02_kernels.relay_attention.ipynb #c5878b5a
