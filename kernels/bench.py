@@ -4,7 +4,8 @@ Run: `make bench` (or `python kernels/bench.py [--only NAME] [--out kernels/resu
 machine without one it prints why and exits 0. Each kernel notebook (`nbs/90_kernels/`) ships a script
 `kernels/bench_<name>.py` with `bench(roof_gbps) -> dict(shape=..., rows={peer: dict(ms=..., ...)}, target=...)`;
 this driver finds them, measures the device-to-device copy roof once, prints every row with its time ratio to
-every other row, and writes everything (card, versions, date, shapes) to `kernels/results/<gpu>.json`.
+every other row, and records each result (card, versions, date, shapes) in `kernels/results/<gpu>.json`, next to the
+benchmarks already recorded there.
 Times are medians of `triton.testing.do_bench`.
 """
 import argparse, importlib.util, json, platform, re, sys, time, traceback
@@ -17,8 +18,7 @@ def copy_roof_gbps(nbytes=2 * 2**30):
     "Device-to-device copy bandwidth (read + write), the memory roof every bandwidth-bound kernel is measured against."
     import torch, triton.testing as tt
     a = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda"); b = torch.empty_like(a)
-    ms = tt.do_bench(lambda: b.copy_(a))
-    del a, b
+    ms = tt.do_bench(lambda: b.copy_(a), return_mode="median")
     return 2 * (nbytes // 2) * 2 / (ms * 1e-3) / 1e9
 
 
@@ -71,8 +71,8 @@ def main(argv=None):
     import triton
     gpu = torch.cuda.get_device_name()
     roof = copy_roof_gbps()
-    res = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-               python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M"), copy_roof_gbps=roof, benches={})
+    run = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+               python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M"), copy_roof_gbps=roof)
     print(f"{gpu}: copy roof {roof:.0f} GB/s (torch {torch.__version__}, triton {triton.__version__})")
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     f = out / (re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_") + ".json")
@@ -82,12 +82,24 @@ def main(argv=None):
             r = fn(roof)
         except Exception as e:  # one failing kernel must not hide the others' numbers
             traceback.print_exc(); r = dict(error=f"{type(e).__name__}: {e}"); status = 1
-        res["benches"][name] = r
         print_result(name, r)
         torch.cuda.empty_cache()
-        f.write_text(json.dumps(res, indent=1, default=str))  # after each bench: a later crash keeps these
+        record(f, run, name, r)  # after each bench: a later crash keeps these
     print(f"\nwrote {f}")
     return status
+
+
+def record(f, run, name, r):
+    """Put bench `name`'s result `r` into the results file `f`, keeping every other bench already recorded there (a run
+    of one benchmark must not erase the others' numbers). Each result carries its own run (`r["run"]`: card, versions,
+    date, copy roof); the top-level fields describe the latest run. Written atomically (temp file + replace)."""
+    f = Path(f)
+    res = json.loads(f.read_text()) if f.exists() else {}
+    res.update(run)
+    res.setdefault("benches", {})[name] = dict(r, run=run)
+    tmp = f.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=1, default=str)); tmp.replace(f)
+    return res
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """GPU benchmark: the fused AdaX step (`xwlearn.kernels.adax`, `AdaXW(fused=True)`) vs torch's fused/foreach Adam.
 
 `bench(roof_gbps) -> dict(shape, rows, target, ...)` (the interface of kernels/bench.py). Standalone:
-`python kernels/bench_adax_step.py [OUT.json]` (measures the copy roof itself). Every fused result is checked against the
+`python kernels/bench_adax_step.py [--out DIR]` (= `python kernels/bench.py --only adax_step`). Every fused result is checked against the
 reference update before anything is timed.
 """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the repo root: import xwlearn without installing
 DEV = "cuda"                                                       # (a CPU dry run under TRITON_INTERPRET=1 sets "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parent))                # kernels/: the shared roof measurement
+from bench import copy_roof_gbps
+__all__ = ["bench", "copy_roof_gbps"]           # the notebooks' `#| cuda` cells take both from this script
 
 N_PARAMS, N_TENSORS = 256 * 2**20, 64
 CHECK_SHAPES = [(1,), (1000,), (3, 4097), (2**20 + 5,)]                # awkward sizes for the correctness check
@@ -17,13 +20,6 @@ CONFIGS = [dict(block=1024, chunk=1024, num_warps=4), dict(block=2048, chunk=204
            dict(block=2048, chunk=16384, num_warps=8), dict(block=4096, chunk=32768, num_warps=16),
            dict(block=8192, chunk=8192, num_warps=16)]
 
-
-def copy_roof_gbps(nbytes=2 * 2**30):
-    "Device-to-device copy bandwidth (read + write) in GB/s."
-    import torch, triton.testing as tt
-    a = torch.empty(nbytes // 2, dtype=torch.float16, device=DEV); b = torch.empty_like(a)
-    ms = tt.do_bench(lambda: b.copy_(a), return_mode="median")
-    return 2 * a.numel() * a.element_size() / (ms * 1e-3) / 1e9
 
 
 def _round_like_device(x, dtype):
@@ -125,13 +121,6 @@ def bench(roof_gbps, n_params=N_PARAMS, n_tensors=N_TENSORS):
                 versions=dict(torch=torch.__version__, triton=triton.__version__), wall_s=time.time() - t_start)
 
 
-if __name__ == "__main__":
-    import json, torch
-    if not torch.cuda.is_available(): print("bench_adax_step: no CUDA GPU, skipped"); sys.exit(0)
-    roof = copy_roof_gbps(); r = bench(roof)
-    print(f"{torch.cuda.get_device_name()}: copy roof {roof:.0f} GB/s; {r['shape']}")
-    for k, v in r["rows"].items():
-        print(f"  {k:42s} {v['ms']:7.3f} ms {v['gbps']:7.0f} GB/s {100 * v['roof_frac']:5.1f}% roof {v['vs_fused_adam']:5.2f}x fused Adam")
-    print("  sweep:", [(c["block"], c["chunk"], c["num_warps"], round(c["ms"], 3)) for c in r["sweep"]])
-    print("  target:", r["target"], "->", "met" if r["met"] else "NOT met")
-    if len(sys.argv) > 1: Path(sys.argv[1]).write_text(json.dumps(dict(r, gpu=torch.cuda.get_device_name(), copy_roof_gbps=roof), indent=1, default=str))
+if __name__ == "__main__":   # = `python kernels/bench.py --only adax_step [--out DIR]`
+    sys.path.insert(0, str(Path(__file__).resolve().parent)); from bench import main
+    sys.exit(main(["--only", "adax_step", *sys.argv[1:]]))

@@ -18,6 +18,8 @@ bytes of q,k,v,o,do,dq,dk,dv over the time), and vs_<peer> time ratios. Run alon
 """
 import json, math, re, sys, time, traceback
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))                # kernels/: the shared roof measurement
+from bench import copy_roof_gbps
 
 CASES = [  # name, B, H(=W) tokens per side, heads, head dim, S regions per side, topk
     ("stage1 56x56 h2 r64 top1", 64, 56, 2, 32, 7, 1),
@@ -237,12 +239,6 @@ def print_case(r):
         if "config" in row: s += f"  cfg {row['config']} {row['configs']}"
         print(s)
 
-
-def copy_roof_gbps(nbytes=2**30):
-    "Device-to-device copy bandwidth (read + write)."
-    import torch, triton.testing as tt
-    a = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda"); b = torch.empty_like(a)
-    return 2 * nbytes / (tt.do_bench(lambda: b.copy_(a)) * 1e-3) / 1e9
 
 
 def main(argv=None):

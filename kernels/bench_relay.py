@@ -1,7 +1,7 @@
 """GPU benchmark: relay decode (`xwlearn.kernels.relay`) vs SDPA over the concatenated KV and the paper's design.
 
 `bench(roof_gbps) -> dict(shape, rows, target, ...)` (the interface of kernels/bench.py). Standalone:
-`python kernels/bench_relay.py [OUT.json]`. Each variant's output is checked against SDPA over the materialised concatenated KV
+`python kernels/bench_relay.py [--out DIR]` (= `python kernels/bench.py --only relay`). Each variant's output is checked against SDPA over the materialised concatenated KV
 before it is timed; a variant that fails the check is reported with its error and not timed.
 Times: medians (`triton.testing`), replayed from a CUDA graph (`ms`, as serving stacks run decode steps) and eager
 (`ms_eager`, includes Python/launch overhead). Bandwidth columns count the *floor* bytes (system KV once + request KV + q + out), so roof_frac is the fraction of the
@@ -11,16 +11,12 @@ import sys, time, itertools
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the repo root: import xwlearn without installing
 DEV = "cuda"                                                       # (a CPU dry run under TRITON_INTERPRET=1 sets "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parent))                # kernels/: the shared roof measurement
+from bench import copy_roof_gbps
+__all__ = ["bench", "copy_roof_gbps"]           # the notebooks' `#| cuda` cells take both from this script
 
 SHAPES = [dict(B=64, H=32, H_kv=32, L_sys=4096, L_req=128, D=128), dict(B=64, H=32, H_kv=8, L_sys=4096, L_req=128, D=128)]
 
-
-def copy_roof_gbps(nbytes=2 * 2**30):
-    "Device-to-device copy bandwidth (read + write) in GB/s."
-    import torch, triton.testing as tt
-    a = torch.empty(nbytes // 2, dtype=torch.float16, device=DEV); b = torch.empty_like(a)
-    ms = tt.do_bench(lambda: b.copy_(a), return_mode="median")
-    return 2 * a.numel() * a.element_size() / (ms * 1e-3) / 1e9
 
 
 TOL = 5e-3   # relative L2 error vs SDPA-concat; fp16 rounding gives ~1e-3, dropping the request part ~3e-2
@@ -125,14 +121,6 @@ def bench(roof_gbps):
                 versions=dict(torch=torch.__version__, triton=triton.__version__), wall_s=time.time() - t0)
 
 
-if __name__ == "__main__":
-    import json, torch
-    if not torch.cuda.is_available(): print("bench_relay: no CUDA GPU, skipped"); sys.exit(0)
-    roof = copy_roof_gbps(); r = bench(roof)
-    print(f"{torch.cuda.get_device_name()}: copy roof {roof:.0f} GB/s; {r['shape']}")
-    for k, v in r["rows"].items():
-        print(f"  {k:62s} {v['ms']:7.4f} ms (eager {v.get('ms_eager', float('nan')):7.4f}) {v['gbps']:6.0f} GB/s(floor bytes) {100 * v['roof_frac']:5.1f}% "
-              f"x{v['speedup_vs_sdpa_concat']:5.1f} vs SDPA  x{v['speedup_vs_official']:4.2f} vs official  {v.get('config', v.get('error', ''))}")
-    for tag, e in r["per_shape"].items(): print(f"  {tag}: floor {e['floor_ms']:.4f} ms")
-    print("  target:", r["target"], "->", "met" if r["met"] else "NOT met")
-    if len(sys.argv) > 1: Path(sys.argv[1]).write_text(json.dumps(dict(r, gpu=torch.cuda.get_device_name(), copy_roof_gbps=roof), indent=1, default=str))
+if __name__ == "__main__":   # = `python kernels/bench.py --only relay [--out DIR]`
+    sys.path.insert(0, str(Path(__file__).resolve().parent)); from bench import main
+    sys.exit(main(["--only", "relay", *sys.argv[1:]]))

@@ -39,41 +39,48 @@ def _mm(a, b, PREC: tl.constexpr, F32DOT: tl.constexpr):
 
 # %% ../../nbs/90_kernels/03_kernels.bra.ipynb #30ce8b42
 @triton.jit
+def _tile(H, NREG, T, D, NCHUNK, BLOCK: tl.constexpr, PACK: tl.constexpr, SLOT: tl.constexpr, BLOCK_D: tl.constexpr):
+    "This program's (batch, head) and its BLOCK rows: PACK regions × SLOT tokens, or one SLOT-token chunk of a region."
+    pid_bh = tl.program_id(0).to(tl.int64)                   # one (batch, head) ...
+    pid_t = tl.program_id(1)                                 # ... and one tile of PACK regions / one chunk
+    g = pid_t // NCHUNK                                      # which group of PACK regions
+    c = pid_t % NCHUNK                                       # which chunk of a large region
+    i = tl.arange(0, BLOCK)
+    slot = i // SLOT                                         # packed-region slot of each row
+    reg = g * PACK + slot                                    # region of each row
+    tok = c * SLOT + i % SLOT                                # token inside that region
+    dd = tl.arange(0, BLOCK_D)
+    return pid_bh // H, pid_bh % H, i, slot, reg, tok, (reg < NREG) & (tok < T), dd, dd < D
+
+@triton.jit
+def _kv_tile(K, V, base, kreg, ktok, cmask, dd, dmask, sz_r, sz_t):
+    "Addresses and values of one KV tile: column c is token ktok[c] of region kreg[c] (masked by cmask)."
+    kp = base + kreg[:, None] * sz_r + ktok[:, None] * sz_t + dd[None, :]
+    kt = tl.load(K + kp, mask=cmask[:, None] & dmask[None, :], other=0.)
+    vt = tl.load(V + kp, mask=cmask[:, None] & dmask[None, :], other=0.)
+    return kp, kt, vt
+
+@triton.jit
 def _bra_fwd_kernel(Q, K, V, IDX, O, LSE,
                     sz_b, sz_h, sz_r, sz_t, si_b, si_r, sl_b, sl_h, sl_r,
                     H, NREG, T, D, TOPK, NCHUNK, qk_scale,
                     BLOCK: tl.constexpr, PACK: tl.constexpr, SLOT: tl.constexpr, BLOCK_D: tl.constexpr,
                     PREC: tl.constexpr, F32DOT: tl.constexpr):
-    pid_bh = tl.program_id(0).to(tl.int64)                   # one (batch, head) ...
-    pid_t = tl.program_id(1)                                 # ... and one tile of PACK query regions / one chunk
-    b = pid_bh // H
-    hh = pid_bh % H
-    g = pid_t // NCHUNK                                      # which group of PACK regions
-    c = pid_t % NCHUNK                                       # which chunk of a large region
-    i = tl.arange(0, BLOCK)
-    slot = i // SLOT                                         # packed-region slot of each row
-    reg = g * PACK + slot                                    # query region of each row
-    tok = c * SLOT + i % SLOT                                # token inside that region
-    rmask = (reg < NREG) & (tok < T)
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
+    b, hh, i, slot, reg, tok, rmask, dd, dmask = _tile(H, NREG, T, D, NCHUNK, BLOCK, PACK, SLOT, BLOCK_D)
     base = b * sz_b + hh * sz_h
     q = tl.load(Q + base + reg[:, None] * sz_r + tok[:, None] * sz_t + dd[None, :],
                 mask=rmask[:, None] & dmask[None, :], other=0.)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)        # running max (log2 units)
     l_i = tl.zeros([BLOCK], tl.float32)                      # running sum of exp2
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)             # running P @ V
-    cslot = i // SLOT                                        # the KV tile has the same slot structure as the rows
-    creg = g * PACK + cslot                                  # query region that each KV column serves
-    same = slot[:, None] == cslot[None, :]                   # block-diagonal: a row sees only its region's KV
+    # the KV tile has the same slot structure as the rows: column c serves query region reg[c]
+    same = slot[:, None] == slot[None, :]                    # block-diagonal: a row sees only its region's KV
     for j in range(0, TOPK):
-        kreg = tl.load(IDX + b * si_b + creg * si_r + j, mask=creg < NREG, other=0)  # routed KV region per column
+        kreg = tl.load(IDX + b * si_b + reg * si_r + j, mask=reg < NREG, other=0)  # routed KV region per column
         for n0 in range(0, T, SLOT):                         # chunks of that KV region (one pass when packed)
             ktok = n0 + i % SLOT
             cmask = ktok < T
-            kp = base + kreg[:, None] * sz_r + ktok[:, None] * sz_t + dd[None, :]
-            kt = tl.load(K + kp, mask=cmask[:, None] & dmask[None, :], other=0.)
-            vt = tl.load(V + kp, mask=cmask[:, None] & dmask[None, :], other=0.)
+            kp, kt, vt = _kv_tile(K, V, base, kreg, ktok, cmask, dd, dmask, sz_r, sz_t)
             s = _mm(q, tl.trans(kt), PREC, F32DOT) * qk_scale
             s = tl.where(same & cmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))            # every row has >= 1 live column, so m_new is finite
@@ -136,44 +143,36 @@ def inverse_routing(idx, n_reg=None):
 
 # %% ../../nbs/90_kernels/03_kernels.bra.ipynb #b9c7da9d
 @triton.jit
-def _bra_bwd_dq_kernel(Q, K, V, IDX, O, DO, LSE, DELTA, DQ,
-                       sz_b, sz_h, sz_r, sz_t, si_b, si_r, sl_b, sl_h, sl_r,
-                       H, NREG, T, D, TOPK, NCHUNK, qk_scale, sm_scale,
-                       BLOCK: tl.constexpr, PACK: tl.constexpr, SLOT: tl.constexpr, BLOCK_D: tl.constexpr,
-                       PREC: tl.constexpr, F32DOT: tl.constexpr):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_t = tl.program_id(1)
-    b = pid_bh // H
-    hh = pid_bh % H
-    g = pid_t // NCHUNK
-    c = pid_t % NCHUNK
-    i = tl.arange(0, BLOCK)
-    slot = i // SLOT
-    reg = g * PACK + slot
-    tok = c * SLOT + i % SLOT
-    rmask = (reg < NREG) & (tok < T)
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    base = b * sz_b + hh * sz_h
+def _query_side(Q, O, DO, LSE, base, b, hh, reg, tok, rmask, dd, dmask, sz_r, sz_t, sl_b, sl_h, sl_r):
+    "A tile's query rows for the backward: addresses, q, dO, the forward's LSE, and delta = rowsum(dO ∘ O)."
     rp = base + reg[:, None] * sz_r + tok[:, None] * sz_t + dd[None, :]
     q = tl.load(Q + rp, mask=rmask[:, None] & dmask[None, :], other=0.)
     do = tl.load(DO + rp, mask=rmask[:, None] & dmask[None, :], other=0.)
     lp = b * sl_b + hh * sl_h + reg * sl_r + tok
     lse = tl.load(LSE + lp, mask=rmask, other=0.)            # log2-sum-exp2 saved by the forward
     o = tl.load(O + rp, mask=rmask[:, None] & dmask[None, :], other=0.)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O), also stored for the dK/dV pass
-    tl.store(DELTA + lp, delta, mask=rmask)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O)
+    return rp, lp, q, do, lse, delta
+
+@triton.jit
+def _bra_bwd_dq_kernel(Q, K, V, IDX, O, DO, LSE, DELTA, DQ,
+                       sz_b, sz_h, sz_r, sz_t, si_b, si_r, sl_b, sl_h, sl_r,
+                       H, NREG, T, D, TOPK, NCHUNK, qk_scale, sm_scale,
+                       BLOCK: tl.constexpr, PACK: tl.constexpr, SLOT: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PREC: tl.constexpr, F32DOT: tl.constexpr):
+    b, hh, i, slot, reg, tok, rmask, dd, dmask = _tile(H, NREG, T, D, NCHUNK, BLOCK, PACK, SLOT, BLOCK_D)
+    base = b * sz_b + hh * sz_h
+    rp, lp, q, do, lse, delta = _query_side(Q, O, DO, LSE, base, b, hh, reg, tok, rmask, dd, dmask, sz_r, sz_t,
+                                            sl_b, sl_h, sl_r)
+    tl.store(DELTA + lp, delta, mask=rmask)                  # also needed by the dK/dV pass
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    creg = g * PACK + slot
     same = slot[:, None] == slot[None, :]
     for j in range(0, TOPK):
-        kreg = tl.load(IDX + b * si_b + creg * si_r + j, mask=creg < NREG, other=0)
+        kreg = tl.load(IDX + b * si_b + reg * si_r + j, mask=reg < NREG, other=0)
         for n0 in range(0, T, SLOT):
             ktok = n0 + i % SLOT
             cmask = ktok < T
-            kp = base + kreg[:, None] * sz_r + ktok[:, None] * sz_t + dd[None, :]
-            kt = tl.load(K + kp, mask=cmask[:, None] & dmask[None, :], other=0.)
-            vt = tl.load(V + kp, mask=cmask[:, None] & dmask[None, :], other=0.)
+            kp, kt, vt = _kv_tile(K, V, base, kreg, ktok, cmask, dd, dmask, sz_r, sz_t)
             s = _mm(q, tl.trans(kt), PREC, F32DOT) * qk_scale
             p = tl.where(same & cmask[None, :], tl.exp2(s - lse[:, None]), 0.)   # the forward's probabilities
             dp = _mm(do, tl.trans(vt), PREC, F32DOT)                  # dL/dP
@@ -188,23 +187,9 @@ def _bra_bwd_dkdv_kernel(Q, K, V, PTR, INVQ, DO, LSE, DELTA, DK, DV,
                          H, NREG, T, D, NCHUNK, qk_scale, sm_scale,
                          BLOCK: tl.constexpr, PACK: tl.constexpr, SLOT: tl.constexpr, BLOCK_D: tl.constexpr,
                          PREC: tl.constexpr, F32DOT: tl.constexpr):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_t = tl.program_id(1)
-    b = pid_bh // H
-    hh = pid_bh % H
-    g = pid_t // NCHUNK
-    c = pid_t % NCHUNK
-    i = tl.arange(0, BLOCK)
-    slot = i // SLOT
-    kreg = g * PACK + slot                                   # KV region of each KV row of this tile
-    ktok = c * SLOT + i % SLOT
-    kmask = (kreg < NREG) & (ktok < T)
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
+    b, hh, i, slot, kreg, ktok, kmask, dd, dmask = _tile(H, NREG, T, D, NCHUNK, BLOCK, PACK, SLOT, BLOCK_D)  # KV rows
     base = b * sz_b + hh * sz_h
-    kp = base + kreg[:, None] * sz_r + ktok[:, None] * sz_t + dd[None, :]
-    kt = tl.load(K + kp, mask=kmask[:, None] & dmask[None, :], other=0.)
-    vt = tl.load(V + kp, mask=kmask[:, None] & dmask[None, :], other=0.)
+    kp, kt, vt = _kv_tile(K, V, base, kreg, ktok, kmask, dd, dmask, sz_r, sz_t)
     start = tl.load(PTR + b * NREG + kreg, mask=kreg < NREG, other=0)          # inverse routing table (CSR):
     cnt = tl.load(PTR + b * NREG + kreg + 1, mask=kreg < NREG, other=0) - start  # query regions routed here
     n_t = tl.max(cnt, 0)
@@ -286,27 +271,10 @@ def _bra_bwd_fused_kernel(Q, K, V, IDX, O, DO, LSE, DQ, DKV,
                           BLOCK: tl.constexpr, PACK: tl.constexpr, SLOT: tl.constexpr, BLOCK_D: tl.constexpr,
                           PREC: tl.constexpr, F32DOT: tl.constexpr):
     "dQ as in `_bra_bwd_dq_kernel`, and dK, dV from the query side: atomically added into the fp32 buffer DKV."
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_t = tl.program_id(1)
-    b = pid_bh // H
-    hh = pid_bh % H
-    g = pid_t // NCHUNK
-    c = pid_t % NCHUNK
-    i = tl.arange(0, BLOCK)
-    slot = i // SLOT
-    reg = g * PACK + slot
-    tok = c * SLOT + i % SLOT
-    rmask = (reg < NREG) & (tok < T)
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
+    b, hh, i, slot, reg, tok, rmask, dd, dmask = _tile(H, NREG, T, D, NCHUNK, BLOCK, PACK, SLOT, BLOCK_D)
     base = b * sz_b + hh * sz_h
-    rp = base + reg[:, None] * sz_r + tok[:, None] * sz_t + dd[None, :]
-    q = tl.load(Q + rp, mask=rmask[:, None] & dmask[None, :], other=0.)
-    do = tl.load(DO + rp, mask=rmask[:, None] & dmask[None, :], other=0.)
-    lp = b * sl_b + hh * sl_h + reg * sl_r + tok
-    lse = tl.load(LSE + lp, mask=rmask, other=0.)
-    o = tl.load(O + rp, mask=rmask[:, None] & dmask[None, :], other=0.)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O): needed here only, never stored
+    rp, lp, q, do, lse, delta = _query_side(Q, O, DO, LSE, base, b, hh, reg, tok, rmask, dd, dmask, sz_r, sz_t,
+                                            sl_b, sl_h, sl_r)  # delta: needed here only, never stored
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     live = (slot[:, None] == slot[None, :]) & rmask[:, None]  # block-diagonal, and only real query rows
     for j in range(0, TOPK):
@@ -315,9 +283,7 @@ def _bra_bwd_fused_kernel(Q, K, V, IDX, O, DO, LSE, DQ, DKV,
             ktok = n0 + i % SLOT
             cmask = ktok < T
             kvalid = cmask & (reg < NREG)
-            kp = base + kreg[:, None] * sz_r + ktok[:, None] * sz_t + dd[None, :]
-            kt = tl.load(K + kp, mask=cmask[:, None] & dmask[None, :], other=0.)
-            vt = tl.load(V + kp, mask=cmask[:, None] & dmask[None, :], other=0.)
+            kp, kt, vt = _kv_tile(K, V, base, kreg, ktok, cmask, dd, dmask, sz_r, sz_t)
             s = _mm(q, tl.trans(kt), PREC, F32DOT) * qk_scale
             p = tl.where(live & cmask[None, :], tl.exp2(s - lse[:, None]), 0.)
             dp = _mm(do, tl.trans(vt), PREC, F32DOT)
