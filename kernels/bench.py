@@ -92,13 +92,13 @@ def main(argv=None):
 def record(f, run, name, r):
     """Put bench `name`'s result `r` into the results file `f`, keeping every other bench already recorded there (a run
     of one benchmark must not erase the others' numbers). Each result carries its own run (`r["run"]`: card, versions,
-    date, copy roof); the top-level fields describe the latest run. Written atomically (temp file + replace)."""
+    date, copy roof); the top-level fields describe the latest run. Written atomically (`xwlearn.core.atomic_write_text`)."""
+    from xwlearn.core import atomic_write_text
     f = Path(f)
     res = json.loads(f.read_text()) if f.exists() else {}
     res.update(run)
     res.setdefault("benches", {})[name] = dict(r, run=run)
-    tmp = f.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=str)); tmp.replace(f)
+    atomic_write_text(f, json.dumps(res, indent=1, default=str))
     return res
 
 

@@ -1,4 +1,4 @@
-"""AdaX / AdaX-W (`xwlearn.optim.adax`) against independent naive references.
+"""AdaX / AdaX-W (`xwlearn.optim.adax`) against independent naive references; `xwlearn.repro.adax` registers the rest.
 
 The references below are written from the official code (switchablenorms/AdaX, `AdaX.py`) in float64 with the naive,
 growing state v_t — deliberately not sharing any helper with the module under test.
@@ -222,9 +222,8 @@ def test_fastai_defaults():
 
 
 def test_registered():
-    from xwlearn.core import REPRODUCTIONS
-    from xwlearn.recipes import RECIPES
+    from xwlearn.core import REPRODUCTIONS, RECIPES
+    from xwlearn.repro.adax import resnet20   # the reproduction module registers the reproduction and the recipes
     assert REPRODUCTIONS['adax'].paper == 'adax'
     assert {'adax_cifar10_resnet20', 'adax_imagenet_resnet18'} <= set(RECIPES)
-    from xwlearn.optim.adax import resnet20
     assert sum(p.numel() for p in resnet20().parameters()) == 269_722

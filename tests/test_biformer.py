@@ -1,8 +1,9 @@
-"Tests of xwlearn.models.biformer: the region-major core, the attention module, the timm models and the registries."
+"Tests of xwlearn.models.biformer (the region-major core, the attention module, the timm models) and of xwlearn.repro.biformer (the task, the registries)."
 import pytest, torch, timm
 import torch.nn.functional as F
 from xwlearn.models.biformer import (to_regions, from_regions, route_regions, routed_attention, routed_attention_flex,
-                                     BiLevelRoutingAttention, attention_macs, long_range_match, match_net, count_params)
+                                     BiLevelRoutingAttention, attention_macs, count_params)
+from xwlearn.repro.biformer import long_range_match, match_net
 
 
 def _masked(q, k, v, idx, scale=None):
@@ -123,10 +124,9 @@ def test_match_task_and_equal_models():
 
 
 def test_registries():
-    from xwlearn.core import get_reproduction
-    from xwlearn.recipes import get_recipe
+    from xwlearn.core import get_reproduction, get_recipe
     from pathlib import Path
     assert get_reproduction('biformer').paper == 'biformer'
-    r = get_recipe('biformer_imagenet')
+    r = get_recipe('biformer_imagenet_biformer_small')
     assert r.paper == 'biformer' and r.epochs == 300
     assert (Path(__file__).parents[1]/'datasets'/f'{r.dataset}.md').exists()

@@ -1,4 +1,5 @@
-"""`xwlearn.norm.bn_theory`: PopulationNorm, exact recalibration, GammaDecay, and the derived decomposition (fast)."""
+"""`xwlearn.norm.bn_theory`: PopulationNorm, exact recalibration, GammaDecay, and the derived decomposition (fast);
+`xwlearn.repro.bn_theory`: the ImageNet recipe."""
 import copy
 
 import pytest
@@ -78,6 +79,7 @@ def test_gamma_decay_gradient_is_analytic():
     from fastai.learner import Learner
     from fastai.optimizer import SGD
     from fastai.callback.core import Callback, CancelStepException, CancelEpochException
+    from fastai.callback.progress import ProgressCallback  # noqa: F401  (adds `Learner.no_bar`)
     from xwlearn.data import tensor_dls
 
     class Grab(Callback):
@@ -127,7 +129,8 @@ def test_imagenet_recipe_builds(tmp_path):
     "The ImageNet ResNet-18 recipe is registered and builds PN/BN models on an ImageFolder fixture."
     import numpy as np
     from xwlearn.data import write_imagefolder
-    from xwlearn.recipes import get_recipe
+    from xwlearn.core import get_recipe
+    import xwlearn.repro.bn_theory  # noqa: F401  (registers the recipes)
     rng = np.random.default_rng(0)
     ims, ys = rng.integers(0, 255, (8, 40, 40, 3), dtype=np.uint8), np.arange(8) % 2
     for split in ('train', 'val'): write_imagefolder(tmp_path, ims, ys, ['a', 'b'], split=split)

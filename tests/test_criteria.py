@@ -1,4 +1,5 @@
-"""Pruning criteria (`xwlearn.prune.criteria`) against naive float64 numpy references, scipy, and error messages."""
+"""Pruning criteria (`xwlearn.prune.criteria`) against naive float64 numpy references, scipy, and error messages;
+the reproduction's scoring groups (`xwlearn.repro.cwda`)."""
 import numpy as np
 import pytest
 import torch
@@ -141,7 +142,8 @@ def test_henze_zirkler_null_and_power():
 
 
 def test_gaussianity_2d_kernels_and_score_groups():
-    from xwlearn.prune.criteria import gaussianity, resnet_score_groups
+    from xwlearn.prune.criteria import gaussianity
+    from xwlearn.repro.cwda import resnet_score_groups
     g = gaussianity(torch.randn(32, 16, 3, 3, generator=torch.Generator().manual_seed(0)), max_taps=300)
     assert g['k'] == 9 and g['n_taps'] == 300 and g['d'] == 144 and g['hz_taps'] is not None
     net = cifar_resnet(8)

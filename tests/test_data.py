@@ -136,3 +136,14 @@ def test_tensor_dl_epoch():
     assert torch.equal(torch.cat([xb for xb, _ in dls.valid]), x)
     e1 = torch.cat([xb for xb, _ in tensor_dls(x, y, x, y, bs=32, seed=0, device='cpu').train])
     assert torch.equal(seen, e1[:, 0])
+
+def test_deit_augmentation_is_seeded_per_item(tmp_path):
+    "timm's RandAugment draws from python's and numpy's generators: the same (seed, epoch, index) gives the same image."
+    import torch
+    from xwlearn.data import write_imagefolder, make_shapes_classification, imagenet_dls
+    ims, ys, vocab = make_shapes_classification(40, size=48, seed=0)
+    for split in ("train", "val"): write_imagefolder(tmp_path, ims, ys, vocab, split=split)
+    ds1, ds2 = imagenet_dls(tmp_path, tfm='deit', smoke=True).train.dataset, imagenet_dls(tmp_path, tfm='deit', smoke=True).train.dataset
+    assert torch.equal(ds1[3][0], ds2[3][0])
+    ds2.set_epoch(1)
+    assert not torch.equal(ds1[3][0], ds2[3][0])

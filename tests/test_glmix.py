@@ -1,4 +1,4 @@
-"""GLMix / GLNet (`xwlearn.models.glmix`) against independent references.
+"""GLMix / GLNet (`xwlearn.models.glmix`, and the reproduction's pieces in `xwlearn.repro.glmix`) against independent references.
 
 The references below are written from the paper's equations and the official model definitions
 (rayleizhu/GLMix, `models/glnet.py`): explicit-softmax clustering/dispatch, and a closed-form parameter count per
@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import timm
 
 from xwlearn.models.glmix import (GLMixBlock, MHSABlock, GLNet, Attention, slot_logits, soft_cluster, soft_dispatch,
-                                  make_scenes, fg_ari, slot_maps, count_macs, GLNET_PARAMS, GLNET_PAPER, GLMIX_TINY)
+                                  count_macs, GLNET_PARAMS, GLNET_PAPER)
+from xwlearn.repro.glmix import make_scenes, fg_ari, slot_maps, GLMIX_TINY
 
 torch.set_num_threads(1)
 NAMES = ['xw_glnet_4g', 'xw_glnet_9g', 'xw_glnet_16g', 'xw_glnet_stl']
@@ -181,8 +182,8 @@ def test_fg_ari_and_slot_maps():
 
 
 def test_registered():
-    from xwlearn.core import REPRODUCTIONS
-    from xwlearn.recipes import RECIPES
+    from xwlearn.core import REPRODUCTIONS, RECIPES
     assert REPRODUCTIONS['glmix'].paper == 'glmix'
-    assert RECIPES['glnet_imagenet'].paper == 'glmix' and RECIPES['glnet_imagenet'].dataset == 'imagenet'
+    r = RECIPES['glmix_imagenet_glnet_4g']
+    assert r.paper == 'glmix' and r.dataset == 'imagenet' and r.epochs == 300
     assert set(NAMES) <= set(timm.list_models('xw_glnet*'))

@@ -1,7 +1,10 @@
-"""Group Fisher pruning (`xwlearn.prune.group_fisher`): grouping on torchvision nets, hook Fisher vs autograd, removal."""
+"""Group Fisher pruning (`xwlearn.prune.group_fisher`): grouping on torchvision nets, hook Fisher vs autograd, removal,
+resuming mid-pruning. The recipes' smoke runs (ResNet-50 ImageNet, RetinaNet COCO) are in the companion notebook
+`nbs/30_compression/02a_repro.group_fisher.ipynb` (one pytest case of `tests/test_notebooks.py`)."""
 import pytest, torch, torchvision
 import torch.nn.functional as F
-from xwlearn.prune.group_fisher import GroupFisher, trace_groups, prune_model, count_flops, small_resnet_dw
+from xwlearn.prune.group_fisher import GroupFisher, trace_groups, prune_model, count_flops
+from xwlearn.repro.group_fisher import small_resnet_dw
 
 torch.set_num_threads(1)
 
@@ -78,8 +81,9 @@ from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.optimizer import SGD
-from xwlearn import recipes
-from xwlearn.recipes import recipe, train
+from xwlearn import core
+from xwlearn.core import recipe
+from xwlearn.recipes import train
 from xwlearn.data import TensorDS, TensorDL
 from xwlearn.prune.group_fisher import GroupFisherPruning
 
@@ -92,7 +96,7 @@ class _Kill(Callback):
         if _KILL_AT['epoch'] is not None and self.epoch == _KILL_AT['epoch']: raise RuntimeError('killed')
 
 
-def _gfp_test_resume(data, epochs, smoke=False):
+def _group_fisher_test_resume(data, epochs, smoke=False):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(48, 1, 8, 8, generator=g), torch.randint(0, 10, (48,), generator=g)
     ds = TensorDS(x, y, vocab=[str(i) for i in range(10)])
@@ -104,20 +108,20 @@ def _gfp_test_resume(data, epochs, smoke=False):
 
 
 def test_resume_mid_pruning(tmp_path, monkeypatch):
-    monkeypatch.setattr(recipes, 'RECIPES', dict(recipes.RECIPES))   # the test recipe stays out of the global registry
-    recipe('gfp_test_resume', paper='group_fisher', dataset='cifar10', epochs=3, smoke_epochs=3,
-           description='test only: small residual net on fixed random data, pruning across epochs')(_gfp_test_resume)
+    monkeypatch.setattr(core, 'RECIPES', dict(core.RECIPES))   # the test recipe stays out of the global registry
+    recipe('group_fisher_test_resume', paper='group_fisher', dataset='cifar10', epochs=3, smoke_epochs=3,
+           description='test only: small residual net on fixed random data, pruning across epochs')(_group_fisher_test_resume)
     _KILL_AT['epoch'] = None
-    full = train('gfp_test_resume', tmp_path, smoke=True, out_dir=tmp_path/'full', quiet=True)
+    full = train('group_fisher_test_resume', tmp_path, smoke=True, out_dir=tmp_path/'full', quiet=True)
     cb_full = full.group_fisher_pruning
     _KILL_AT['epoch'] = 1
     with pytest.raises(RuntimeError, match='killed'):
-        train('gfp_test_resume', tmp_path, smoke=True, out_dir=tmp_path/'run', quiet=True)
+        train('group_fisher_test_resume', tmp_path, smoke=True, out_dir=tmp_path/'run', quiet=True)
     ck = torch.load(tmp_path/'run'/'last.pth', weights_only=True)
     assert ck['epoch'] == 0 and ck['cbs']['GroupFisherPruning']['count'] == 6   # killed mid-pruning, state saved
     assert 0 < int((~ck['cbs']['GroupFisherPruning']['gf']['alive']).sum()) < int((~cb_full.gf.alive).sum())
     _KILL_AT['epoch'] = None
-    res = train('gfp_test_resume', tmp_path, smoke=True, out_dir=tmp_path/'run', resume=True, quiet=True)
+    res = train('group_fisher_test_resume', tmp_path, smoke=True, out_dir=tmp_path/'run', resume=True, quiet=True)
     cb_res = res.group_fisher_pruning
     assert cb_res.count == cb_full.count and cb_res.i0 == cb_full.i0
     assert torch.equal(cb_res.gf.alive, cb_full.gf.alive)                                 # the same groups pruned
@@ -127,14 +131,3 @@ def test_resume_mid_pruning(tmp_path, monkeypatch):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), k
     pm = torch.load(tmp_path/'run'/'model.pth', weights_only=True)                         # model.pth is the pruned net
     assert {k: tuple(v.shape) for k, v in pm.items()} == shapes(full.model)
-
-
-# --- the RetinaNet COCO recipe, smoke ----------------------------------------------------------------
-def test_gfp_coco_retinanet_smoke(tmp_path):
-    from xwlearn.detection.core import write_coco_shapes
-    write_coco_shapes(tmp_path/'coco', n_train=4, n_val=2, size=64, seed=0)
-    learn = train('gfp_coco_retinanet_r50', tmp_path/'coco', smoke=True, out_dir=tmp_path/'run', quiet=True)
-    cb = learn.group_fisher_pruning
-    assert not cb.pruning and cb.gf.flops() <= 0.9999 * cb.gf.flops0
-    assert count_flops(learn.model.detector.backbone, torch.zeros(1, 3, 64, 64)) == cb.gf.flops()
-    assert (tmp_path/'run'/'model.pth').exists() and (tmp_path/'run'/'last.pth').exists()

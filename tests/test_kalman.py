@@ -1,4 +1,4 @@
-"""Batch Kalman Normalization (`xwlearn.norm.kalman`) against independent naive references and `nn.BatchNorm`."""
+"""Batch Kalman Normalization (`xwlearn.norm.kalman`; `mnist1d_norm_model` from `xwlearn.repro.kalman`) against independent naive references and `nn.BatchNorm`."""
 import copy, pickle
 
 import pytest
@@ -7,7 +7,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from xwlearn.norm.kalman import (BatchKalmanNorm1d, BatchKalmanNorm2d, grouped_moments, kalman_update, predict_moments,
-                                 relu_moments, convert_bn_to_bkn, precise_bn, mnist1d_norm_model)
+                                 relu_moments, convert_bn_to_bkn, precise_bn)
+from xwlearn.repro.kalman import mnist1d_norm_model
 from xwlearn.nets import mnist1d_mlp, mnist1d_cnn, cifar_resnet
 
 torch.set_num_threads(1)

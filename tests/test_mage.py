@@ -1,18 +1,19 @@
-"""MAGE (`xwlearn.agents.mage`): the execution-state tree under random operation sequences, the agent loop, the LLM
-backends' request construction and the MemoryArena runner on a fixture. No network, no model downloads."""
-import json, threading, copy
+"""MAGE (`xwlearn.agents.mage`, reproduction in `xwlearn.repro.mage`): the execution-state tree under random operation
+sequences, the agent loop and the MemoryArena runner on a fixture. No network, no model downloads. The LLM backends
+(`ChatLM`, `OpenAIChat`) are tested in `tests/test_llm_core.py`."""
+import json, copy
 from dataclasses import asdict
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 from hypothesis import settings, strategies as st, HealthCheck
 from hypothesis.stateful import RuleBasedStateMachine, rule, invariant, precondition
 
-from xwlearn.agents.mage import (ExecTree, Node, BundleShop, ScriptedLLM, OpenAIChat, SmolLM2, LLM, FullContext,
-                                 SlidingWindow, Retrieval, MageMemory, HashEmbedder, run_episode, act_prompt,
-                                 approx_tokens, evaluate, summarize_runs, load_memoryarena, write_memoryarena_fixture,
-                                 score_answer, parse_action, read_memory)
+from xwlearn.agents.mage import ExecTree, Node, LLM, MageMemory, act_prompt
+from xwlearn.llm.core import approx_tokens, ChatLM, OpenAIChat
+from xwlearn.repro.mage import (BundleShop, ScriptedLLM, FullContext, SlidingWindow, Retrieval, HashEmbedder, run_episode,
+                                evaluate, summarize_runs, load_memoryarena, write_memoryarena_fixture, score_answer,
+                                parse_action, read_memory)
 
 
 class TreeMachine(RuleBasedStateMachine):
@@ -156,64 +157,19 @@ def test_read_memory_conflicts():
     assert f.bought["laptop"] == ["P01", "P02"] and f.cart == {"laptop"} and f.items["P02"].attrs["port"] == "barrel"
 
 
-class _Stub(BaseHTTPRequestHandler):
-    seen = []
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _Stub.seen.append((self.path, dict(self.headers), body))
-        out = json.dumps({"choices": [{"message": {"content": "submit"}}]}).encode()
-        self.send_response(200); self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out))); self.end_headers(); self.wfile.write(out)
-    def log_message(self, *a): pass
-
-
-def test_openai_chat_against_local_stub(monkeypatch):
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    srv = HTTPServer(("127.0.0.1", 0), _Stub); th = threading.Thread(target=srv.serve_forever, daemon=True); th.start()
-    try:
-        llm = OpenAIChat(f"http://127.0.0.1:{srv.server_port}", model="m", max_tokens=7)
-        assert llm("hi") == "submit"
-    finally: srv.shutdown(); srv.server_close()
-    path, headers, body = _Stub.seen[-1]
-    assert path == "/v1/chat/completions" and "Authorization" not in headers
-    assert body == {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.0, "max_tokens": 7}
-    assert isinstance(llm, LLM)
-
-
-def test_openai_chat_retries_and_errors(monkeypatch):
-    monkeypatch.setenv("XWLEARN_LLM_BASE_URL", "http://example.invalid/v1"); monkeypatch.setenv("XWLEARN_LLM_MODEL", "q")
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
-    monkeypatch.setattr("time.sleep", lambda s: None)
-    class Resp:
-        def __init__(self, code, data): self.status_code, self._d = code, data
-        def json(self): return self._d
-        def raise_for_status(self):
-            if self.status_code >= 400: raise RuntimeError(f"HTTP {self.status_code}")
-    class Session:
-        def __init__(self, replies): self.replies, self.calls = list(replies), []
-        def post(self, url, headers, json, timeout): self.calls.append((url, headers, json)); return self.replies.pop(0)
-    s = Session([Resp(503, {}), Resp(200, {"choices": [{"message": {"content": "ok"}}]})])
-    llm = OpenAIChat(session=s)
-    assert llm("p") == "ok" and len(s.calls) == 2
-    assert s.calls[0][0] == "http://example.invalid/v1/chat/completions" and s.calls[0][1]["Authorization"] == "Bearer sk-x"
-    with pytest.raises(ValueError, match="unexpected response"): OpenAIChat(session=Session([Resp(200, {"x": 1})]))("p")
-    with pytest.raises(RuntimeError, match="401"): OpenAIChat(session=Session([Resp(401, {})]))("p")
-    monkeypatch.delenv("XWLEARN_LLM_BASE_URL")
-    with pytest.raises(ValueError, match="base_url"): OpenAIChat()
-
-
-def test_smollm2_is_lazy():
-    m = SmolLM2()
-    assert m.model is None and isinstance(m, LLM)
+def test_backends_are_llms():
+    assert isinstance(ChatLM(), LLM) and isinstance(ScriptedLLM(), LLM)
+    assert isinstance(OpenAIChat("http://127.0.0.1:1/v1", model="m"), LLM)
 
 
 def test_memoryarena_runner_smoke(tmp_path):
-    from xwlearn.recipes import get_recipe, train
-    r = get_recipe("mage_memoryarena")
+    from xwlearn.core import get_recipe
+    from xwlearn.recipes import train
+    r = get_recipe("mage_memoryarena_endpoint")
     assert r.kind == "run" and r.paper == "mage" and r.dataset == "memoryarena"
     assert (Path(__file__).resolve().parents[1]/"datasets"/"memoryarena.md").exists()
     write_memoryarena_fixture(tmp_path/"data", n_tasks=2, n_sub=3)
-    res = train("mage_memoryarena", data=tmp_path/"data", smoke=True, out_dir=tmp_path/"run")
+    res = train("mage_memoryarena_endpoint", data=tmp_path/"data", smoke=True, out_dir=tmp_path/"run")
     assert res["per_config"]["bundled_shopping"]["MAGE"]["success"] == 1.0
     assert json.loads((tmp_path/"run"/"results.json").read_text())["results"]["per_config"] == res["per_config"]
     assert len((tmp_path/"run"/"episodes.jsonl").read_text().splitlines()) == 8

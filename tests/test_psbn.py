@@ -115,6 +115,7 @@ def test_psbn_revives_under_weight_decay_bn_does_not():
 
 def test_monitor_records_history():
     from fastai.learner import Learner
+    from fastai.callback.progress import ProgressCallback  # noqa: F401 (adds `Learner.no_bar`; the method module no longer imports it)
     from xwlearn.data import mnist1d_dls
     dls = mnist1d_dls(bs=256, seed=0, as_channels=True, device='cpu', n_train=500, n_test=250)
     learn = Learner(dls, mnist1d_cnn(norm=PostShiftedBatchNorm1d), cbs=CollapsedFilterMonitor(every=2))

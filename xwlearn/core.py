@@ -1,4 +1,4 @@
-"""The ground floor of xwlearn: seeding, devices and CPU threads, the registry of the 26 papers, and the claims API that turns every quick reproduction into a row of `reports/claims.md`.
+"""The ground floor of xwlearn: seeding, devices and CPU threads, the registry of the 26 papers and of their reproductions and recipes, the one statistics rule that turns seeded measurements into a verdict, and atomic writes.
 
 Docs: https://xwlearn.github.io/xwlearn/00_core/core.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://xwlearn.github.io/xwlearn/00_core/core.html.md"""
 
 # %% ../nbs/00_core/00_core.ipynb #d09cfa2b
 from __future__ import annotations
-import os, random, time, json, importlib, importlib.util, contextlib, tempfile, platform, warnings
+import os, random, time, json, math, importlib, importlib.util, contextlib, tempfile, platform, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Callable
@@ -14,14 +14,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-# fastai 2.8.12 calls `torch.jit.script` when imported, which torch 2.14 deprecates: one line of noise in every
-# command, notebook and report. Silence exactly that warning.
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
-
 # %% auto #0
-__all__ = ['PAPERS', 'VERDICTS', 'REPRODUCTIONS', 'set_seed', 'set_cpu_threads', 'cpu_threads', 'default_device', 'Paper',
-           'get_paper', 'papers_markdown', 'Measured', 'Reproduction', 'Claim', 'reproduction', 'get_reproduction',
-           'run_reproduction', 'atomic_write_text', 'claims_markdown', 'write_claims']
+__all__ = ['PAPERS', 'VERDICTS', 'MIN_SEEDS', 'SE_K', 'REPRODUCTIONS', 'RECIPE_KINDS', 'RECIPES', 'set_seed', 'set_cpu_threads',
+           'cpu_threads', 'default_device', 'is_distributed', 'is_main_process', 'Paper', 'get_paper',
+           'papers_markdown', 'mean_se', 'Check', 'better', 'equivalent', 'ordered', 'decide', 'Measured',
+           'Reproduction', 'Claim', 'reproduction', 'get_reproduction', 'run_reproduction', 'Recipe', 'recipe',
+           'get_recipe', 'cache_dir', 'atomic_write', 'atomic_write_text', 'require', 'claims_markdown', 'write_claims']
 
 # %% ../nbs/00_core/00_core.ipynb #ce0b8cc3
 def set_seed(seed:int=0, # the seed for python, numpy and torch (CPU and every CUDA device)
@@ -70,46 +68,69 @@ def default_device(cpu:bool=False, # force the CPU even when a GPU is present
     if not cpu and torch.cuda.is_available(): return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
+def is_distributed() -> bool:
+    "True when launched by `torchrun`/`accelerate launch` with more than one process (`WORLD_SIZE` > 1)."
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+def is_main_process() -> bool:
+    "True on rank 0 (and in a single-process run): the process that writes checkpoints and reports."
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
 # %% ../nbs/00_core/00_core.ipynb #f4b7d55b
 @dataclass(frozen=True)
 class Paper:
     "One paper of the research line, and where it lives in xwlearn."
-    key: str                 # short id used by the CLI and the claims API, e.g. 'adax'
+    key: str                 # short id used by the CLI, the claims API and the reproduction module, e.g. 'adax'
     title: str
     year: int
     arxiv: str               # arXiv id, e.g. '2004.09740'
     code: str                # official code repository ('' if none is public)
     area: str                # the `nbs/` folder, e.g. '20_optimization'
-    notebook: str            # path of the notebook under `nbs/`
-    modules: tuple = ()      # exported modules, e.g. ('xwlearn.optim.adax',)
+    notebook: str            # path of the paper notebook under `nbs/`
+    modules: tuple = ()      # method modules, e.g. ('xwlearn.optim.adax',)
+    repro: str = ""          # reproduction module; default `xwlearn.repro.<key>`
 
     @property
     def url(self) -> str: return f"https://arxiv.org/abs/{self.arxiv}"
 
+    @property
+    def repro_module(self) -> str: return self.repro or f"xwlearn.repro.{self.key}"
+
+    @property
+    def companion(self) -> str:
+        "Path under `nbs/` of the companion notebook (`01_optim.adax.ipynb` -> `01a_repro.adax.ipynb`)."
+        num = Path(self.notebook).name.split("_", 1)[0]
+        return f"{self.area}/{num}a_{self.repro_module.removeprefix('xwlearn.')}.ipynb"
+
     def implemented(self) -> bool:
-        "Are all of this paper's modules importable?"
-        def found(m):
-            try: return importlib.util.find_spec(m) is not None
-            except ModuleNotFoundError: return False  # a parent package is missing
-        return bool(self.modules) and all(found(m) for m in self.modules)
+        "Are all of this paper's method modules importable?"
+        return bool(self.modules) and all(_found(m) for m in self.modules)
 
     def load(self) -> list:
-        "Import this paper's modules (which registers their reproductions and recipes); return them."
+        "Import this paper's method modules and its reproduction module (which registers reproduction and recipes)."
         if not self.implemented(): raise ModuleNotFoundError(f"paper {self.key!r} has no module yet (planned: {', '.join(self.modules)})")
-        return [importlib.import_module(m) for m in self.modules]
+        mods = [importlib.import_module(m) for m in self.modules]
+        if _found(self.repro_module): mods.append(importlib.import_module(self.repro_module))
+        return mods
 
     @property
     def status(self) -> str:
-        "Derived status: 'planned', or 'module' plus what the module registers (quick repro, recipe)."
+        "Derived status: 'planned', or 'module' plus what the reproduction module registers (quick repro, recipe)."
         if not self.implemented(): return "planned"
         self.load()
         parts = ["module"]
         if any(r.paper == self.key for r in REPRODUCTIONS.values()): parts.append("quick repro")
-        try:
-            from xwlearn.recipes import RECIPES
-            if any(r.paper == self.key for r in RECIPES.values()): parts.append("recipe")
-        except ImportError: pass
+        if any(r.paper == self.key for r in RECIPES.values()): parts.append("recipe")
         return " + ".join(parts)
+
+def _found(m:str) -> bool:
+    "Does module `m` exist? Looked up on disk: `find_spec` of a dotted name would import (and run) its parent packages."
+    top, *rest = m.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None: return False
+    if not rest: return True
+    return any(Path(loc, *rest).with_suffix(".py").exists() or Path(loc, *rest, "__init__.py").exists()
+               for loc in (spec.submodule_search_locations or []))
 
 # %% ../nbs/00_core/00_core.ipynb #8877ebde
 def _p(key, title, year, arxiv, code, area, nb, *modules):
@@ -172,7 +193,7 @@ PAPERS: dict[str, Paper] = {p.key: p for p in [
        "2211.15069", "https://github.com/SJTU-ViSYS/FeatureBooster", _M, "01_matching.featurebooster.ipynb",
        "xwlearn.matching.featurebooster"),
     _p("relay_attention", "RelayAttention for Efficient Large Language Model Serving with Long System Prompts", 2024,
-       "2402.14808", "https://github.com/rayleizhu/vllm-ra", _L, "01_llm.relay_attention.ipynb", "xwlearn.llm.relay"),
+       "2402.14808", "https://github.com/rayleizhu/vllm-ra", _L, "01_llm.relay.ipynb", "xwlearn.llm.relay"),
     _p("mage", "Beyond Semantic Organization: Memory as Execution State Management for Long-Horizon Agents", 2026,
        "2606.06090", "", _L, "10_agents.mage.ipynb", "xwlearn.agents.mage"),
 ]}
@@ -194,18 +215,102 @@ def papers_markdown() -> str:
 
 # %% ../nbs/00_core/00_core.ipynb #72b5ba2d
 VERDICTS = ("reproduced", "partly", "not at this scale")
+MIN_SEEDS = 3   # seeds per arm for "reproduced"
+SE_K = 2.0      # a difference must exceed SE_K standard errors
+
+def mean_se(x) -> tuple[float, float, float]:
+    "Mean, standard error (ddof=1) and n of per-seed values `x`; a bare number is exact: SE 0, n = inf; one seed: SE nan."
+    if isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool): return float(x), 0.0, math.inf
+    a = np.asarray(x, dtype=float).ravel()
+    if a.size == 0: raise ValueError("a measurement needs at least one value")
+    if not np.isfinite(a).all(): raise ValueError(f"a measurement must be finite, got {a.tolist()}")
+    return float(a.mean()), (float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else math.nan), float(a.size)
 
 @dataclass
+class Check:
+    "One comparison a paper's claim implies, and what the statistics rule concluded."
+    name: str            # what is compared, e.g. "AdaX > Adam, final accuracy (MLP)"
+    kind: str            # 'better', 'equivalent' or 'ordered'
+    status: str          # 'holds', 'reversed' or 'undecided'
+    n: float             # fewest seeds of any arm (inf: every arm exact)
+    detail: str          # the numbers behind the status
+    def __str__(self): return f"{self.name}: {self.status} ({self.detail})"
+
+def _n(n): return "exact" if n == math.inf else str(int(n))
+
+def better(name:str, # what the check is, as a reader will see it
+           a, b, # per-seed values of the arm claimed better and of the arm it is compared with (or exact numbers)
+           higher:bool=True, # is a higher value better (accuracy) or a lower one (loss, error)?
+           margin:float=0., # the difference must also exceed this (in the units of the values)
+          ) -> Check:
+    "Check that `a` beats `b`: the difference in the claimed direction exceeds max(margin, 2 SE)."
+    ma, sa, na = mean_se(a); mb, sb, nb = mean_se(b)
+    d = (ma - mb) if higher else (mb - ma)
+    se = math.sqrt(sa**2 + sb**2)
+    if math.isnan(se): status = "undecided"
+    elif d > max(margin, SE_K * se) or (se == 0 and d > margin): status = "holds"
+    elif -d > SE_K * se: status = "reversed"
+    else: status = "undecided"
+    better_word = "higher" if higher else "lower"
+    detail = (f"{ma:.4g} vs {mb:.4g}, {better_word} is better: difference {d:+.3g}, 2·SE {SE_K*se:.2g}"
+              + (f", margin {margin:g}" if margin else "") + f", n={_n(na)}/{_n(nb)}")
+    return Check(name, "better", status, min(na, nb), detail)
+
+def equivalent(name:str, a, b, # per-seed values of the two arms
+               margin:float, # the largest difference that counts as "the same" (units of the values), > 0
+              ) -> Check:
+    "Check that `a` and `b` agree within `margin`: |difference| + 2 SE <= margin."
+    if not margin > 0: raise ValueError(f"margin must be > 0, got {margin!r}")
+    ma, sa, na = mean_se(a); mb, sb, nb = mean_se(b)
+    d, se = ma - mb, math.sqrt(sa**2 + sb**2)
+    if math.isnan(se): status = "undecided"
+    elif abs(d) + SE_K * se <= margin: status = "holds"
+    elif abs(d) - SE_K * se > margin: status = "reversed"
+    else: status = "undecided"
+    detail = f"{ma:.4g} vs {mb:.4g}: difference {d:+.3g}, 2·SE {SE_K*se:.2g}, margin ±{margin:g}, n={_n(na)}/{_n(nb)}"
+    return Check(name, "equivalent", status, min(na, nb), detail)
+
+def ordered(name:str, arms:dict, # {arm name: per-seed values}, in the claimed order, best first
+            higher:bool=True, # is higher better?
+           ) -> Check:
+    "Check a claimed ranking of several arms: every neighbouring pair is a `better` check; holds when all hold."
+    if len(arms) < 2: raise ValueError(f"arms must hold at least two arms, got {list(arms)}")
+    ks = list(arms)
+    pairs = [better(f"{a} > {b}", arms[a], arms[b], higher) for a, b in zip(ks, ks[1:])]
+    st = [p.status for p in pairs]
+    status = "holds" if all(s == "holds" for s in st) else "reversed" if "reversed" in st else "undecided"
+    detail = "; ".join(f"{p.name} {p.status}" for p in pairs) + "; means " + ", ".join(
+        f"{k} {mean_se(arms[k])[0]:.4g}" for k in ks)
+    return Check(name, "ordered", status, min(p.n for p in pairs), detail)
+
+def decide(checks:list, # the `Check`s of one claim
+           cap:str|None=None, # the best verdict this scale can support (e.g. 'partly'), if lower than the checks'
+          ) -> str:
+    "The verdict: 'reproduced' when every check holds on >= MIN_SEEDS seeds, 'partly' when some hold, else 'not at this scale'."
+    if not checks: raise ValueError("a verdict needs at least one check")
+    if not all(isinstance(c, Check) for c in checks): raise TypeError(f"checks must be Check objects, got {[type(c).__name__ for c in checks]}")
+    if cap is not None and cap not in VERDICTS: raise ValueError(f"cap must be one of {VERDICTS}, got {cap!r}")
+    held = [c.status == "holds" for c in checks]
+    if all(held): v = "reproduced" if min(c.n for c in checks) >= MIN_SEEDS else "partly"
+    elif any(held): v = "partly"
+    else: v = "not at this scale"
+    return v if cap is None else VERDICTS[max(VERDICTS.index(v), VERDICTS.index(cap))]
+
+# %% ../nbs/00_core/00_core.ipynb #43ff63b7
+@dataclass
 class Measured:
-    "What a reproduction function measured."
-    measured: str                               # one line a person reads, e.g. "AdaX x=-1.00, Adam x=+1.00"
-    verdict: str                                # one of `VERDICTS`, decided by the function from its numbers
+    "What a reproduction function measured; its verdict is decided by the statistics rule from `checks`."
+    measured: str                               # one line a person reads, e.g. "AdaX 0.912±0.004, Adam 0.905±0.003"
+    checks: list                                # the `Check`s (`better`, `equivalent`, `ordered`) the claim implies
     values: dict = field(default_factory=dict)  # the numbers behind `measured` (json-serialisable)
     plots: list = field(default_factory=list)   # file names of plots written into `out_dir`
     notes: str = ""                             # caveats: what does not hold, what differs from the paper
+    cap: str|None = None                        # the best verdict this scale supports (say why in `notes`)
 
-    def __post_init__(self):
-        if self.verdict not in VERDICTS: raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+    def __post_init__(self): decide(self.checks, self.cap)  # validates checks and cap now, not when reported
+
+    @property
+    def verdict(self) -> str: return decide(self.checks, self.cap)
 
 @dataclass
 class Reproduction:
@@ -218,40 +323,32 @@ class Claim:
     key: str; paper: str; claim: str; paper_value: str; measured: str; scale: str; verdict: str
     wall_s: float; plots: list = field(default_factory=list); values: dict = field(default_factory=dict)
     notes: str = ""; test: bool = False; host: str = ""; date: str = ""
+    checks: list = field(default_factory=list)  # [str(check), ...]: the comparisons that decided the verdict
 
 REPRODUCTIONS: dict[str, Reproduction] = {}
 
-def reproduction(paper:str, # key of the paper in `PAPERS`
+def reproduction(paper:str, # key of the paper in `PAPERS`; also the reproduction's key
                  claim:str, # the paper's central claim, one sentence
                  paper_value:str, # the paper's number(s) for it, as the paper states them
                  scale:str, # what this quick run does instead (data, model, steps)
-                 key:str|None=None, # registry key; defaults to `paper`
                 ):
     "Decorator registering `fn(out_dir, test=False) -> Measured` as the quick reproduction of `paper`'s claim."
     get_paper(paper)
     def deco(fn):
-        k = key or paper
-        REPRODUCTIONS[k] = Reproduction(k, paper, claim, paper_value, scale, fn)
+        REPRODUCTIONS[paper] = Reproduction(paper, paper, claim, paper_value, scale, fn)
         return fn
     return deco
 
 # %% ../nbs/00_core/00_core.ipynb #0cc4cef4
 def get_reproduction(key:str) -> Reproduction:
-    "The reproduction registered as `key` — or the single one of paper `key` — importing paper modules as needed."
-    if key not in REPRODUCTIONS:
-        if key in PAPERS and PAPERS[key].implemented(): PAPERS[key].load()
-        else:  # a reproduction key that is not a paper key: its module is found by importing the implemented papers
-            for p in PAPERS.values():
-                if p.implemented(): p.load()
-    if key not in REPRODUCTIONS and key in PAPERS:
-        mine = [r for r in REPRODUCTIONS.values() if r.paper == key]
-        if len(mine) == 1: return mine[0]
+    "The reproduction of paper `key`, importing the paper's modules as needed."
+    if key not in REPRODUCTIONS and key in PAPERS and PAPERS[key].implemented(): PAPERS[key].load()
     if key not in REPRODUCTIONS:
         raise KeyError(f"no reproduction registered as {key!r}; registered: {', '.join(sorted(REPRODUCTIONS)) or 'none'}"
                        f" (implemented papers: {', '.join(k for k,p in PAPERS.items() if p.implemented()) or 'none'})")
     return REPRODUCTIONS[key]
 
-def run_reproduction(key:str, # reproduction key, usually the paper key
+def run_reproduction(key:str, # the paper key
                      out_dir:str|Path="reports", # where plots (and, via `write_claims`, the report) go
                      test:bool=False, # run the seconds-long test version instead of the quick reproduction
                      threads:int|None=None, # CPU threads for the run (default: `XWLEARN_THREADS` or 1, see `set_cpu_threads`)
@@ -268,34 +365,99 @@ def run_reproduction(key:str, # reproduction key, usually the paper key
     scale = r.scale if not test else f"TEST SCALE (seconds; not a reproduction) — quick scale: {r.scale}"
     return Claim(r.key, r.paper, r.claim, r.paper_value, m.measured, scale, m.verdict, round(wall, 2),
                  list(m.plots), dict(m.values), m.notes, test, f"{platform.machine()}, {n} CPU thread(s), torch {torch.__version__}",
-                 time.strftime("%Y-%m-%d %H:%M"))
+                 time.strftime("%Y-%m-%d %H:%M"), [str(c) for c in m.checks] + ([f"verdict capped at '{m.cap}'"] if m.cap else []))
+
+# %% ../nbs/00_core/00_core.ipynb #70dadb0b
+@dataclass
+class Recipe:
+    "A registered full training recipe."
+    name: str; paper: str|None; dataset: str; epochs: int; description: str; fn: Callable
+    smoke_epochs: int = 1
+    kind: str = "train"  # "train": `fn -> Learner`; "run": a measurement (serving benchmark, agent evaluation) `fn -> dict`
+
+RECIPE_KINDS = ("train", "run")
+
+RECIPES: dict[str, Recipe] = {}
+
+def recipe(name:str, # the name `xwlearn train NAME` takes: `<paper_key>_<dataset>_<model>`
+           paper:str|None, # key of the paper in `PAPERS` (None: an infrastructure recipe)
+           dataset:str, # the dataset card in `datasets/`, e.g. 'cifar10'
+           epochs:int, # the paper's number of epochs
+           description:str="", # one line: model, data, schedule
+           smoke_epochs:int=1, # epochs for `--smoke` when `--epochs` is not given
+           kind:str="train", # "train" (`fn -> Learner`) or "run" (`fn(data, epochs, smoke, out_dir) -> dict` of results)
+          ):
+    "Decorator registering `fn(data:Path, epochs:int, smoke:bool=False) -> Learner` (or a `kind='run'` measurement) as recipe `name`."
+    if paper is not None: get_paper(paper)
+    if kind not in RECIPE_KINDS: raise ValueError(f"kind must be one of {RECIPE_KINDS}, got {kind!r}")
+    def deco(fn):
+        RECIPES[name] = Recipe(name, paper, dataset, epochs, description or (fn.__doc__ or "").strip(), fn, smoke_epochs, kind)
+        return fn
+    return deco
+
+def get_recipe(name:str) -> Recipe:
+    "The recipe `name`; imports the implemented papers' modules (and `xwlearn.recipes`, home of the infrastructure recipe) to find it."
+    if name not in RECIPES:
+        for p in PAPERS.values():
+            if p.implemented(): p.load()
+        importlib.import_module("xwlearn.recipes")  # by name, like the papers: the registry never imports upward
+    if name not in RECIPES: raise KeyError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES)) or 'none'}")
+    return RECIPES[name]
 
 # %% ../nbs/00_core/00_core.ipynb #f72649a5
-def atomic_write_text(path:str|Path, text:str):
-    "Write `text` to `path` atomically (temp file in the same folder + `os.replace`)."
+def cache_dir() -> Path:
+    "xwlearn's cache folder: env `XWLEARN_CACHE`, default `~/.cache/xwlearn`."
+    return Path(os.environ.get("XWLEARN_CACHE", Path.home()/".cache"/"xwlearn")).expanduser()
+
+@contextlib.contextmanager
+def atomic_write(path:str|Path, # the file to (re)place
+                 mode:str="w", # 'w' (text) or 'wb' (bytes)
+                ):
+    "Context manager yielding a temp file next to `path`; on success it is fsync'ed and `os.replace`d onto `path`, on error removed."
+    if mode not in ("w", "wb"): raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f: f.write(text); f.flush(); os.fsync(f.fileno())
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp makes 0600; keep a reader's view
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.unlink(tmp)
         raise
 
+def atomic_write_text(path:str|Path, text:str):
+    "Write `text` to `path` atomically (see `atomic_write`)."
+    with atomic_write(path) as f: f.write(text)
+
+def require(module:str, # the module to import, e.g. 'transformers'
+            extra:str, # the xwlearn extra that installs it, e.g. 'llm'
+           ):
+    "Import and return `module`, or raise an ImportError naming the extra: `pip install \"xwlearn[extra]\"`."
+    try: return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{module} is not installed; it comes with the {extra!r} extra: pip install \"xwlearn[{extra}]\"") from e
+
 def _cell(s) -> str: return str(s).replace("|", "\\|").replace("\n", " ")
 
 def claims_markdown(claims:list[Claim]) -> str:
-    "The claims table as Markdown."
+    "The claims table as Markdown, then per claim its notes and the checks that decided its verdict."
     rows = ["| paper | claim | paper | measured | scale | verdict | wall |", "|---|---|---|---|---|---|---|"]
     for c in sorted(claims, key=lambda c: c.key):
         p = PAPERS[c.paper]
         plots = " ".join(f"[plot]({x})" for x in c.plots)
         rows.append(f"| [{_cell(p.title)}]({p.url}) ({p.year}) | {_cell(c.claim)} | {_cell(c.paper_value)} | "
                     f"{_cell(c.measured)} {plots} | {_cell(c.scale)} | **{c.verdict}** | {c.wall_s:.0f} s |")
-    notes = [f"- **{c.key}** (run {c.date} on {c.host}): {_cell(c.notes) or '—'}" for c in sorted(claims, key=lambda c: c.key)]
+    notes = []
+    for c in sorted(claims, key=lambda c: c.key):
+        notes.append(f"- **{c.key}** (run {c.date} on {c.host}): {_cell(c.notes) or '—'}")
+        notes += [f"  - {_cell(k)}" for k in c.checks]
     head = ("# Paper claims vs measured\n\nGenerated by `xwlearn reproduce`. Each row is one quick reproduction at the "
-            "stated scale — CPU minutes, not the paper's setting; the full recipes (`xwlearn train`) are the paper's.\n\n")
-    return head + "\n".join(rows) + ("\n\n## Notes\n" + "\n".join(notes) if notes else "") + "\n"
+            "stated scale — CPU minutes, not the paper's setting; the full recipes (`xwlearn train`) are the paper's. "
+            "Verdicts follow one statistics rule (`xwlearn.core.decide`): every check holds on ≥ 3 seeds → reproduced; "
+            "some hold → partly; none → not at this scale.\n\n")
+    return head + "\n".join(rows) + ("\n\n## Notes and deciding checks\n" + "\n".join(notes) if notes else "") + "\n"
 
 def write_claims(claims:list[Claim], out_dir:str|Path="reports") -> Path:
     "Merge `claims` into `out_dir/claims.json` and rewrite `out_dir/claims.md`; return the markdown path."

@@ -6,10 +6,10 @@ Docs: https://xwlearn.github.io/xwlearn/00_core/data.html.md"""
 
 # %% auto #0
 __all__ = ['SHAPE_CLASSES', 'CIFAR10_CLASSES', 'CIFAR10_STATS', 'IMAGENET_STATS', 'DatasetLayoutError', 'TensorDS', 'SeededDL',
-           'TensorDL', 'tensor_dls', 'show_image_grid', 'digits_arrays', 'digits_dls', 'cache_dir', 'mnist1d_arrays',
-           'mnist1d_dls', 'shape_mask', 'make_shapes_classification', 'batch_crop', 'ImageBatchTfm', 'shapes_dls',
-           'write_imagefolder', 'write_cifar10_pickles', 'check_cifar10_layout', 'check_imagefolder_layout',
-           'read_cifar10', 'cifar10_dls', 'list_imagefolder', 'ImageFolderDS', 'imagenet_dls']
+           'TensorDL', 'tensor_dls', 'show_image_grid', 'digits_arrays', 'digits_dls', 'mnist1d_arrays', 'mnist1d_dls',
+           'shape_mask', 'make_shapes_classification', 'batch_crop', 'ImageBatchTfm', 'shapes_dls', 'write_imagefolder',
+           'write_cifar10_pickles', 'check_cifar10_layout', 'check_imagefolder_layout', 'read_cifar10', 'cifar10_dls',
+           'list_imagefolder', 'ImageFolderDS', 'imagenet_dls']
 
 # %% ../nbs/00_core/01_data.ipynb #49911984
 import os, pickle, random, hashlib, json, tempfile, importlib.metadata
@@ -137,20 +137,11 @@ def digits_dls(bs:int=64, valid_pct:float=0.2, seed:int=0, # split and shuffle s
     return tensor_dls(x, y, xv, yv, vocab=[str(i) for i in range(10)], bs=bs, seed=seed, device=device, **kwargs)
 
 # %% ../nbs/00_core/01_data.ipynb #52d10355
-def cache_dir() -> Path:
-    "xwlearn's cache folder: env `XWLEARN_CACHE`, default `~/.cache/xwlearn`."
-    return Path(os.environ.get('XWLEARN_CACHE', Path.home()/'.cache'/'xwlearn')).expanduser()
+from .core import cache_dir, atomic_write  # the one cache folder and the one atomic write
 
 def _atomic_savez(path:Path, **arrays):
-    "Write an `.npz` to a temp file next to `path`, then `os.replace` it in (atomic on POSIX and Windows)."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f: np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
+    "Write an `.npz` atomically (`xwlearn.core.atomic_write`)."
+    with atomic_write(path, 'wb') as f: np.savez(f, **arrays)
 
 # %% ../nbs/00_core/01_data.ipynb #7925416b
 def mnist1d_arrays(seed:int=42, # generator seed (mnist1d's default is 42)
@@ -482,7 +473,7 @@ def list_imagefolder(d:Path, classes, n_per_class=None):
     return samples
 
 class ImageFolderDS(Dataset):
-    "ImageFolder samples `[(path, label)]` decoded with PIL and transformed per item under a `(seed, epoch, index)` seed."
+    "ImageFolder samples `[(path, label)]` decoded with PIL and transformed per item under a `(seed, epoch, index)` seed (torch, python and numpy generators)."
     def __init__(self, samples, tfm, vocab, seed:int=0):
         self.samples, self.tfm, self.vocab, self.seed, self.epoch = samples, tfm, list(vocab), seed, 0
     def __len__(self): return len(self.samples)
@@ -495,30 +486,49 @@ class ImageFolderDS(Dataset):
         from PIL import Image
         p, y = self.samples[i]
         with open(p, 'rb') as f: im = Image.open(f).convert('RGB')
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**63)
-            return self.tfm(im), y
+        seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**63
+        st, npst = random.getstate(), np.random.get_state()  # timm's RandAugment draws from python's and numpy's generators
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed); random.seed(seed); np.random.seed(seed % 2**32)
+                return self.tfm(im), y
+        finally: random.setstate(st); np.random.set_state(npst)
 
 # %% ../nbs/00_core/01_data.ipynb #0c1bbcab
 def imagenet_dls(path, # root with train/ and val/ class folders
-                 bs:int=256, size:int=224, # training crop and validation centre-crop size
+                 bs:int=256, # per-process batch size
+                 size:int|None=None, # training crop and validation centre-crop size; None: 224 (32 with `smoke`)
                  resize:int|None=None, # validation resize; None: round(size*256/224)
                  num_workers:int=8, seed:int=0, augment:bool=True,
                  min_scale:float=0.08, # RandomResizedCrop's smallest area fraction
                  n_per_class:int|None=None, # keep the first n images per class (smoke tests, subsets)
                  splits=('train', 'val'), stats=IMAGENET_STATS, device=None, pin_memory:bool|None=None,
+                 tfm:str='resnet', # 'resnet': crop + flip, normalised on the device; 'deit': timm's DeiT transforms (RandAugment, random erasing)
+                 smoke:bool=False, # a seconds-long CPU check for recipes: 4 images per class, batch 8, no workers, CPU, 32² unless `size`
                  **kwargs) -> DataLoaders:
-    "ImageNet-style ImageFolder `DataLoaders`: RandomResizedCrop + flip (train), resize + centre crop (valid), normalised on the device."
+    "ImageNet-style ImageFolder `DataLoaders`: `tfm='resnet'` (crop + flip, normalised on the device) or `'deit'` (timm's DeiT augmentation)."
     import torchvision.transforms as T
+    if tfm not in ('resnet', 'deit'): raise ValueError(f"tfm must be 'resnet' or 'deit', got {tfm!r}")
+    if smoke: bs, n_per_class, num_workers, device = 8, 4, 0, 'cpu'
+    size = size or (32 if smoke else 224)
     classes = check_imagefolder_layout(path, splits)[splits[0]]
     path, device = Path(path).expanduser(), default_device() if device is None else torch.device(device)
     resize = resize or round(size * 256 / 224)
-    trn_tfm = (T.Compose([T.RandomResizedCrop(size, scale=(min_scale, 1.0)), T.RandomHorizontalFlip(), T.PILToTensor()])
-               if augment else T.Compose([T.Resize(resize), T.CenterCrop(size), T.PILToTensor()]))
-    val_tfm = T.Compose([T.Resize(resize), T.CenterCrop(size), T.PILToTensor()])
+    if tfm == 'deit':
+        from timm.data import create_transform
+        norm = dict(mean=stats[0], std=stats[1], interpolation='bicubic')
+        val_tfm = create_transform(size, is_training=False, crop_pct=size / resize, **norm)
+        trn_tfm = (create_transform(size, is_training=True, scale=(min_scale, 1.0), color_jitter=0.4,
+                                    auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, re_mode='pixel', re_count=1, **norm)
+                   if augment else val_tfm)
+        batch_tfm = {}                                    # items are normalised float32 already (random erasing needs it)
+    else:
+        trn_tfm = (T.Compose([T.RandomResizedCrop(size, scale=(min_scale, 1.0)), T.RandomHorizontalFlip(), T.PILToTensor()])
+                   if augment else T.Compose([T.Resize(resize), T.CenterCrop(size), T.PILToTensor()]))
+        val_tfm = T.Compose([T.Resize(resize), T.CenterCrop(size), T.PILToTensor()])
+        batch_tfm = dict(after_batch=ImageBatchTfm(*stats))
     trn = ImageFolderDS(list_imagefolder(path/splits[0], classes, n_per_class), trn_tfm, classes, seed)
     val = ImageFolderDS(list_imagefolder(path/splits[1], classes, n_per_class), val_tfm, classes, seed)
     kw = dict(num_workers=num_workers, pin_memory=device.type == 'cuda' if pin_memory is None else pin_memory, **kwargs)
-    return DataLoaders(SeededDL(trn, bs=bs, shuffle=True, drop_last=len(trn) > bs, seed=seed,
-                                after_batch=ImageBatchTfm(*stats), **kw),
-                       SeededDL(val, bs=bs, shuffle=False, after_batch=ImageBatchTfm(*stats), **kw), device=device)
+    return DataLoaders(SeededDL(trn, bs=bs, shuffle=True, drop_last=len(trn) > bs, seed=seed, **batch_tfm, **kw),
+                       SeededDL(val, bs=bs, shuffle=False, **batch_tfm, **kw), device=device)

@@ -11,23 +11,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import xwlearn.core  # first: it silences fastai's import-time `torch.jit.script` deprecation warning
+from .core import require, is_distributed, is_main_process
+require("accelerate", extra="dist")  # fastai.distributed is built on HF Accelerate: say which extra brings it
 from fastai.callback.core import Callback
 from fastai.distributed import DistributedDL, DistributedTrainer, rank_distrib, num_distrib
 
 # %% auto #0
-__all__ = ['is_distributed', 'is_main_process', 'backend_for', 'XWDistributedDL', 'XWDistributedTrainer', 'params_digest',
-           'DistributedAudit']
+__all__ = ['backend_for', 'XWDistributedDL', 'XWDistributedTrainer', 'params_digest', 'DistributedAudit']
 
 # %% ../nbs/00_core/02_distributed.ipynb #0e2dac48
-def is_distributed() -> bool:
-    "True when launched by `torchrun`/`accelerate launch` with more than one process."
-    return num_distrib() > 1
-
-def is_main_process() -> bool:
-    "True on rank 0 (and in a single-process run): the process that writes checkpoints and reports."
-    return rank_distrib() == 0
-
 def backend_for(device:torch.device|str|None=None) -> str:
     "The collective backend for `device`: nccl for CUDA, gloo for the CPU."
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,4 +1,4 @@
-"""A recipe is a paper's full training setting, registered by name; `train` runs it — on one CPU, one GPU or many under torchrun / accelerate launch — with atomic checkpoints every epoch and --resume.
+"""`train` runs a registered recipe — a paper's full training setting — on one CPU, one GPU or many under torchrun / accelerate launch, with atomic checkpoints every epoch and a --resume that ends where an uninterrupted run ends.
 
 Docs: https://xwlearn.github.io/xwlearn/00_core/recipes.html.md"""
 
@@ -7,70 +7,23 @@ Docs: https://xwlearn.github.io/xwlearn/00_core/recipes.html.md"""
 # %% ../nbs/00_core/03_recipes.ipynb #83187b3c
 from __future__ import annotations
 import os, random, time, json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from .core import set_seed, set_cpu_threads, get_paper, PAPERS
-from .distributed import XWDistributedTrainer, DistributedAudit, is_distributed, is_main_process
+from .core import set_seed, set_cpu_threads, get_paper, PAPERS, Recipe, RECIPES, recipe, get_recipe, is_distributed, is_main_process, atomic_write, atomic_write_text
 from fastai.learner import Learner
 from fastai.callback.core import Callback, CancelEpochException
 from fastcore.basics import noop
 
 # %% auto #0
-__all__ = ['RECIPE_KINDS', 'RECIPES', 'Recipe', 'recipe', 'get_recipe', 'atomic_save', 'to_plain', 'rng_state', 'set_rng_state',
-           'CheckpointCallback', 'SkipFinishedEpochs', 'train', 'step_schedule', 'soft_target_ce', 'TimmMixup',
-           'EMACallback', 'NoDecay1D', 'warmup_cosine', 'smoke_cifar10']
-
-# %% ../nbs/00_core/03_recipes.ipynb #7ad0a4b9
-@dataclass
-class Recipe:
-    "A registered full training recipe."
-    name: str; paper: str|None; dataset: str; epochs: int; description: str; fn: Callable
-    smoke_epochs: int = 1
-    kind: str = "train"  # "train": `fn -> Learner`; "run": a measurement (serving benchmark, agent evaluation) `fn -> dict`
-
-RECIPE_KINDS = ("train", "run")
-
-RECIPES: dict[str, Recipe] = {}
-
-def recipe(name:str, # the name `xwlearn train NAME` takes
-           paper:str|None, # key of the paper in `PAPERS` (None: an infrastructure recipe)
-           dataset:str, # the dataset card in `datasets/`, e.g. 'cifar10'
-           epochs:int, # the paper's number of epochs
-           description:str="", # one line: model, data, schedule
-           smoke_epochs:int=1, # epochs for `--smoke` when `--epochs` is not given
-           kind:str="train", # "train" (`fn -> Learner`) or "run" (`fn(data, epochs, smoke, out_dir) -> dict` of results)
-          ):
-    "Decorator registering `fn(data:Path, epochs:int, smoke:bool=False) -> Learner` (or a `kind='run'` measurement) as recipe `name`."
-    if paper is not None: get_paper(paper)
-    if kind not in RECIPE_KINDS: raise ValueError(f"kind must be one of {RECIPE_KINDS}, got {kind!r}")
-    def deco(fn):
-        RECIPES[name] = Recipe(name, paper, dataset, epochs, description or (fn.__doc__ or "").strip(), fn, smoke_epochs, kind)
-        return fn
-    return deco
-
-def get_recipe(name:str) -> Recipe:
-    "The recipe `name`; imports implemented paper modules to find it if needed."
-    if name not in RECIPES:
-        for p in PAPERS.values():
-            if p.implemented(): p.load()
-    if name not in RECIPES: raise KeyError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES)) or 'none'}")
-    return RECIPES[name]
+__all__ = ['atomic_save', 'to_plain', 'rng_state', 'set_rng_state', 'CheckpointCallback', 'SkipFinishedEpochs', 'train',
+           'smoke_cifar10']
 
 # %% ../nbs/00_core/03_recipes.ipynb #e8edb54c
 def atomic_save(obj, path:str|Path):
-    "`torch.save` to a temp file in the same folder, fsync, then `os.replace` onto `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
+    "`torch.save` through `xwlearn.core.atomic_write`: a temp file in the same folder, fsync, then `os.replace` onto `path`."
+    with atomic_write(path, "wb") as f: torch.save(obj, f)
 
 def to_plain(o):
     "Recursively turn fastcore `L`s and tuples into lists so that `torch.load(weights_only=True)` can read them back."
@@ -181,7 +134,13 @@ def train(name:str, # a registered recipe
         if is_main_process(): print(f"{name}: all {epochs} epochs already done in {ckpt.last}")
         return learn
     if resume and start and is_main_process(): print(f"{name}: resuming from {ckpt.last} at epoch {start}/{epochs}")
-    cbs = [ckpt, XWDistributedTrainer(), SkipFinishedEpochs(start)] + ([DistributedAudit(audit)] if audit else [])
+    cbs = [ckpt, SkipFinishedEpochs(start)]
+    if is_distributed():  # needs accelerate (the `dist` extra); a single-process run never imports it
+        from xwlearn.distributed import XWDistributedTrainer
+        cbs.append(XWDistributedTrainer())
+    if audit:
+        from xwlearn.distributed import DistributedAudit
+        cbs.append(DistributedAudit(audit))
     if quiet or not is_main_process():
         with learn.no_bar(), learn.no_logging(): learn.fit(epochs, cbs=cbs)
     else: learn.fit(epochs, cbs=cbs)
@@ -192,69 +151,14 @@ def _run_measurement(r:Recipe, data:Path, epochs:int, smoke:bool, out_dir:Path) 
     res = r.fn(data, epochs=epochs, smoke=smoke, out_dir=out_dir)
     if not isinstance(res, dict): raise TypeError(f"recipe {r.name!r} (kind='run') returned {type(res).__name__}, expected a dict")
     if is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir/f".results.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(dict(recipe=r.name, smoke=smoke, epochs=epochs, results=res), indent=1, default=str))
-        os.replace(tmp, out_dir/"results.json")
+        atomic_write_text(out_dir/"results.json", json.dumps(dict(recipe=r.name, smoke=smoke, epochs=epochs, results=res), indent=1, default=str))
     return res
-
-# %% ../nbs/00_core/03_recipes.ipynb #cd095450
-def step_schedule(lr:float, # the initial learning rate
-                  milestones:list, # epochs at which to multiply by `gamma`
-                  epochs:int, # total epochs (to convert epochs to fastai's pct)
-                  gamma:float=0.1, # the factor at each milestone
-                  warmup:float=0, # epochs of linear warm-up from 0
-                 ):
-    "A fastai schedule `f(pct)` for step decay at epoch `milestones` (optionally after linear warm-up)."
-    if lr <= 0: raise ValueError(f"lr must be positive, got {lr}")
-    ms = sorted(milestones)
-    def f(pct):
-        e = float(pct) * epochs
-        if warmup and e < warmup: return lr * e / warmup
-        return lr * gamma ** sum(e >= m for m in ms)
-    return f
-
-# %% ../nbs/00_core/03_recipes.ipynb #895b053d
-def soft_target_ce(pred, targ):
-    "Cross-entropy for soft targets (B, K) — mixup/cutmix with label smoothing — and for class indices (B,) in validation."
-    import torch.nn.functional as F
-    if targ.ndim == 1: return F.cross_entropy(pred.float(), targ)
-    return torch.sum(-targ * F.log_softmax(pred.float(), -1), -1).mean()
-
-class TimmMixup(Callback):
-    "Apply a `timm.data.Mixup` (mixup/cutmix + label smoothing: the targets become soft) to every training batch."
-    order = 5
-    def __init__(self, mixup): self.mixup = mixup
-    def before_batch(self):
-        if self.training: x, y = self.mixup(self.xb[0], self.yb[0]); self.learn.xb, self.learn.yb = (x,), (y,)
-
-class EMACallback(Callback):
-    "Keep `learn.model_ema`, a timm `ModelEmaV3` moving average of the weights, updated after every optimiser step."
-    order = 70
-    def __init__(self, decay:float=0.9999): self.decay = decay
-    def before_fit(self):
-        from timm.utils import ModelEmaV3
-        if getattr(self.learn, 'model_ema', None) is None: self.learn.model_ema = ModelEmaV3(self.learn.model, decay=self.decay)
-    def after_step(self): self.learn.model_ema.update(self.learn.model)
-
-class NoDecay1D(Callback):
-    "No weight decay on 1-D parameters (norms, biases, layer scales), as timm's optimizer factory does."
-    def before_fit(self):
-        for p in self.learn.model.parameters():
-            if p.ndim == 1: self.learn.opt.state[p]['do_wd'] = False
-
-def warmup_cosine(lr:float, epochs:int, warmup:float=5, # warm-up epochs (at most half the run)
-                  warmup_lr:float=0., min_lr:float=1e-5):
-    "Linear warm-up `warmup_lr` → `lr` over `warmup` epochs, then cosine to `min_lr`: a fastai schedule over pct."
-    from fastai.callback.schedule import SchedLin, SchedCos, combine_scheds
-    w = min(warmup / epochs, 0.5)
-    return combine_scheds([w, 1 - w], [SchedLin(warmup_lr, lr), SchedCos(lr, min_lr)])
 
 # %% ../nbs/00_core/03_recipes.ipynb #71dd79df
 @recipe("smoke_cifar10", paper=None, dataset="cifar10", epochs=3, smoke_epochs=3,
-        description="tiny CNN, CIFAR-10 layout, SGD + step schedule: the infrastructure test recipe")
+        description="tiny CNN, CIFAR-10 layout, SGD + cosine schedule: the infrastructure test recipe")
 def smoke_cifar10(data:Path, epochs:int, smoke:bool=False) -> Learner:
-    from fastai.callback.schedule import ParamScheduler
+    from fastai.callback.schedule import ParamScheduler, SchedCos
     from xwlearn.data import cifar10_dls
     dls = cifar10_dls(data, bs=16 if smoke else 128, augment=not smoke)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
@@ -263,4 +167,4 @@ def smoke_cifar10(data:Path, epochs:int, smoke:bool=False) -> Learner:
     from fastai.optimizer import SGD
     from fastai.metrics import accuracy
     return Learner(dls, model, loss_func=torch.nn.CrossEntropyLoss(), opt_func=SGD, lr=0.05, metrics=accuracy,
-                   cbs=ParamScheduler({"lr": step_schedule(0.05, [max(1, epochs - 1)], epochs)}))
+                   cbs=ParamScheduler({"lr": SchedCos(0.05, 0.005)}))

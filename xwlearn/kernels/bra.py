@@ -218,11 +218,13 @@ def _bra_bwd_dkdv_kernel(Q, K, V, PTR, INVQ, DO, LSE, DELTA, DK, DV,
     tl.store(DV + kp, dv.to(DV.dtype.element_ty), mask=kmask[:, None] & dmask[None, :])
 
 # %% ../../nbs/90_kernels/03_kernels.bra.ipynb #44260bca
-def _bra_bwd(q, k, v, idx, o, lse, do, scale, block=None, num_warps=None):
+def _bra_bwd(q, k, v, idx, o, lse, do, scale, block=None, num_warps=None,
+             inverse=inverse_routing): # builds the inverse routing table `(ptr, invq)` from `(idx, n)`
+    "Two-pass backward: the dQ kernel (it also stores delta), then the dK/dV kernel over the inverse routing table."
     B, h, n, T, d = q.shape
     do = do.contiguous()
     delta = torch.empty_like(lse)                               # rowsum(dO * O), written by the dQ kernel
-    ptr, invq = inverse_routing(idx, n)
+    ptr, invq = inverse(idx, n)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     cfg, grid, nchunk = _launch_cfg(q, n, block, num_warps, idx.shape[-1])
     _bra_bwd_dq_kernel[grid](q, k, v, idx, o, do, lse, delta, dq, *q.stride()[:4], idx.stride(0), idx.stride(1),
@@ -302,21 +304,6 @@ BWD_VARIANTS = {"v1": "torch-built inverse table (argsort + scatter_add + cumsum
                 "v2": "inverse table in one Triton launch (counting sort), dQ kernel, dK/dV kernel (deterministic)",
                 "atomic": "one fused kernel: dQ, and dK/dV added from the query side with fp32 atomics"}
 
-def _bra_bwd_v2(q, k, v, idx, o, lse, do, scale, block=None, num_warps=None):
-    "Backward v2: as v1, with the inverse routing table built by one Triton kernel instead of ~12 torch ops."
-    B, h, n, T, d = q.shape
-    do = do.contiguous()
-    delta = torch.empty_like(lse)
-    ptr, invq = inverse_routing_triton(idx, n)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    cfg, grid, nchunk = _launch_cfg(q, n, block, num_warps, idx.shape[-1])
-    _bra_bwd_dq_kernel[grid](q, k, v, idx, o, do, lse, delta, dq, *q.stride()[:4], idx.stride(0), idx.stride(1),
-                             *lse.stride()[:3], h, n, T, d, idx.shape[-1], nchunk, scale * 1.4426950408889634,
-                             scale, **cfg)
-    _bra_bwd_dkdv_kernel[grid](q, k, v, ptr, invq, do, lse, delta, dk, dv, *q.stride()[:4], *lse.stride()[:3],
-                               h, n, T, d, nchunk, scale * 1.4426950408889634, scale, **cfg)
-    return dq, dk, dv
-
 def _bra_bwd_atomic(q, k, v, idx, o, lse, do, scale, block=None, num_warps=None):
     "Backward 'atomic': one kernel launch; dK, dV accumulate in an fp32 (float64 for float64) buffer, then one cast."
     B, h, n, T, d = q.shape
@@ -346,8 +333,9 @@ class BRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, idx, o, lse = ctx.saved_tensors
-        f = {"v1": _bra_bwd, "v2": _bra_bwd_v2, "atomic": _bra_bwd_atomic}[ctx.bwd]
-        dq, dk, dv = f(q, k, v, idx, o, lse, do, ctx.scale, ctx.block, ctx.num_warps)
+        args = (q, k, v, idx, o, lse, do, ctx.scale, ctx.block, ctx.num_warps)
+        if ctx.bwd == "atomic": dq, dk, dv = _bra_bwd_atomic(*args)
+        else: dq, dk, dv = _bra_bwd(*args, inverse=inverse_routing_triton if ctx.bwd == "v2" else inverse_routing)
         return dq, dk, dv, None, None, None, None, None
 
 # %% ../../nbs/90_kernels/03_kernels.bra.ipynb #d1a39c8a

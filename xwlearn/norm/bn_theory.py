@@ -7,22 +7,14 @@ Docs: https://xwlearn.github.io/xwlearn/10_normalization/norm.bn_theory.html.md"
 # %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #824967ee
 from __future__ import annotations
 import math
-from functools import partial
-from pathlib import Path
 
-import numpy as np
 import torch
-import matplotlib.pyplot as plt
 from torch import nn, Tensor
 import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['standardize', 'predicted_coeffs', 'bn_block_population', 'bn_pn_gap', 'PopulationNorm', 'PopulationNorm2d',
-           'recalibrate_population_norm', 'GammaDecay', 'PopulationRecalibration', 'max_stable_lr',
-           'bn_theory_reproduction', 'bn_theory_cifar10_resnet', 'bn_theory_imagenet_resnet18']
-
-# %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #e8207872
-from ..core import set_seed, set_cpu_threads, cpu_threads, reproduction, Measured
+           'recalibrate_population_norm', 'GammaDecay', 'PopulationRecalibration']
 
 # %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #564abe4e
 def standardize(h:Tensor) -> Tensor:
@@ -55,7 +47,9 @@ def bn_block_population(kind:str='gauss', # 'gauss' (κ = 0) or 'heavy' (Gaussia
 def bn_pn_gap(h:Tensor, t:Tensor, # population pre-activations and labels (from `bn_block_population`)
               M:int, # batch size
               gammas:list, beta:float=0.2, # BN/PN affine parameters
-              n_batches:int=10_000, seed:int=1) -> list[tuple[float, float]]:
+              n_batches:int=10_000, seed:int=1,
+              per_batch:bool=False, # return each γ's per-batch differences (n_batches,) instead of (mean, standard error)
+             ) -> list:
     "Monte-Carlo E_B[ℓ(BN)] − ℓ(PN) for each γ: list of (mean, standard error), logistic loss, paired + control variates."
     g = torch.Generator().manual_seed(seed)
     zall = (h - h.mean()) / h.std(unbiased=False)
@@ -68,7 +62,7 @@ def bn_pn_gap(h:Tensor, t:Tensor, # population pre-activations and labels (from 
         l1 = -t * torch.sigmoid(-t * (gm * zall + beta))                    # ℓ' on the population (for the control variates)
         d = (F.softplus(-tb * (gm * zb + beta)) - F.softplus(-tb * (gm * zp + beta))).mean(1)
         d = d + gm * l1.mean() * m + gm * (l1 * zall).mean() * (v - (M - 1) / M) / 2   # minus zero-mean control variates
-        out.append((float(d.mean()), float(d.std() / math.sqrt(n_batches))))
+        out.append(d if per_batch else (float(d.mean()), float(d.std() / math.sqrt(n_batches))))
     return out
 
 # %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #ab6ee8e4
@@ -155,9 +149,6 @@ def recalibrate_population_norm(model:nn.Module, # a model containing `Populatio
     finally: model.train(was_training)
     return len(order)
 
-# %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #441da68a
-from ..nets import mnist1d_mlp, mnist1d_cnn, cifar_resnet  # the shared networks, with pluggable norm
-
 # %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #6f21591d
 from fastai.callback.core import Callback
 
@@ -240,209 +231,3 @@ class PopulationRecalibration(Callback):
         if self.training and self.train_iter % self.every == 0: self.recalibrate()
 
     def after_fit(self): self.xs = []
-
-# %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #8ebb3125
-from fastai.learner import Learner
-from fastai.metrics import accuracy
-from fastai.optimizer import SGD
-from fastai.callback.core import CancelStepException
-from fastai.callback.schedule import ParamScheduler
-from fastai.callback.progress import ProgressCallback  # also adds `Learner.no_bar`
-from fastai.losses import CrossEntropyLossFlat
-from fastprogress.fastprogress import progress_bar
-from ..data import mnist1d_dls, cifar10_dls, imagenet_dls
-from ..recipes import recipe, step_schedule
-
-# %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #184c1c59
-def _train_mnist1d(norm:str, # 'bn', 'pn', 'pn+gd', 'none'
-                   bs:int=128, epochs:int=10, lr:float=0.05, mom:float=0.9, seed:int=0,
-                   steps:int|None=None, # stop after this many training steps (None: `epochs` full epochs)
-                   record:bool=False, # also return per-step train losses and first-layer weight-row norms
-                  ):
-    "Train the MNIST-1D MLP with `norm`; return dict(train_loss, valid_loss, acc[, losses, wnorms])."
-    set_seed(seed)
-    dls = mnist1d_dls(bs=bs, seed=seed, device='cpu')
-    layer = {'bn': 'bn', 'none': 'none', 'pn': PopulationNorm, 'pn+gd': PopulationNorm}[norm]
-    model = mnist1d_mlp(norm=layer)
-    cbs = [PopulationRecalibration(every=10, bs=1000)] if norm.startswith('pn') else []
-    if norm == 'pn+gd': cbs.append(GammaDecay('fisher'))
-    rec = _Record(steps)
-    learn = Learner(dls, model, opt_func=partial(SGD, mom=mom), lr=lr, metrics=accuracy, cbs=cbs + [rec])
-    with learn.no_bar(), learn.no_logging(): learn.fit(epochs if steps is None else math.ceil(steps / len(dls.train)))
-    if steps is not None: rec.valid = learn.validate()
-    vals = rec.valid if steps is not None else learn.recorder.values[-1][1:]
-    res = dict(valid_loss=float(vals[0]), acc=float(vals[1]))
-    with torch.no_grad():
-        model.eval(); xb, yb = dls.train_ds.tensors
-        res['train_loss'] = float(F.cross_entropy(model(xb), yb)); model.train()
-    if record: res.update(losses=rec.losses, wnorms=rec.wnorms)
-    return res
-
-class _Record(Callback):
-    "Per-step training loss and first-layer weight-row norms; optionally stop after `steps` steps."
-    order = 95
-    def __init__(self, steps=None): self.steps, self.losses, self.wnorms = steps, [], []
-    def after_batch(self):
-        if not self.training: return
-        self.losses.append(float(self.learn.loss))
-        self.wnorms.append(float(self.learn.model[0].weight.detach().norm(dim=1).mean()))
-        if self.steps is not None and len(self.losses) >= self.steps:
-            from fastai.callback.core import CancelFitException; raise CancelFitException
-
-def max_stable_lr(norm:str, lrs:list, steps:int=150, bs:int=128, seed:int=0) -> tuple[float, dict]:
-    "Largest lr in `lrs` at which plain SGD keeps the last-20-step mean train loss finite and below ln 10; also every run's final loss."
-    finals = {}
-    for lr in lrs:
-        r = _train_mnist1d(norm, bs=bs, lr=lr, mom=0.0, seed=seed, steps=steps, record=True)
-        finals[lr] = float(np.mean(r['losses'][-20:]))
-    ok = [lr for lr in lrs if np.isfinite(finals[lr]) and finals[lr] < math.log(10)]
-    return (max(ok) if ok else 0.0), finals
-
-# %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #65631649
-_GAMMAS, _BETA = [0.5, 1.0, 2.0, 3.0], 0.2
-
-def _decomposition(Ms, n_total, plot_fn=None):
-    "Part (1): measured and predicted M·gap per distribution, M and γ; pass flags."
-    res = {}
-    for kind in ('gauss', 'heavy'):
-        h, t = bn_block_population(kind)
-        coef = {gm: predicted_coeffs(h, t, gm, _BETA) for gm in _GAMMAS}      # (a, b, κ)
-        meas = {M: bn_pn_gap(h, t, M, _GAMMAS, _BETA, n_batches=max(1000, n_total // M)) for M in Ms}
-        res[kind] = dict(kurtosis=coef[1.0][2], pred={gm: gm * a + gm * gm * b for gm, (a, b, _) in coef.items()},
-                         meas={M: [(M * mu, M * se) for mu, se in meas[M]] for M in Ms})
-    g = res['gauss']
-    ok_gauss = all(abs(m - g['pred'][gm]) <= 3 * se + 0.1 * abs(g['pred'][gm])
-                   for M in Ms if M >= 16 for gm, (m, se) in zip(_GAMMAS, g['meas'][M]))
-    ok_kurt = all(res['heavy']['meas'][M][-1][0] > g['meas'][M][-1][0] for M in Ms if M >= 16)
-    return res, ok_gauss, ok_kurt
-
-def _plot_decomposition(res, Ms, fn):
-    fig, axs = plt.subplots(1, 2, figsize=(11, 3.5))
-    for kind, ls in (('gauss', '-'), ('heavy', '--')):
-        r = res[kind]
-        for i, gm in enumerate(_GAMMAS):
-            c = f'C{i}'
-            mu = np.array([r['meas'][M][i][0] / M for M in Ms]); se = np.array([r['meas'][M][i][1] / M for M in Ms])
-            axs[0].errorbar(1 / np.array(Ms), mu, 2 * se, fmt='o', c=c, mfc='none' if kind == 'heavy' else c, ms=4)
-            xx = np.linspace(0, 1 / min(Ms), 20); axs[0].plot(xx, r['pred'][gm] * xx, ls, c=c, lw=1,
-                                                             label=f"γ={gm} {kind}" if kind == 'gauss' or i == 0 else None)
-        Mref = [M for M in Ms if M >= 16]
-        mm = [np.mean([r['meas'][M][i][0] for M in Mref]) for i in range(len(_GAMMAS))]
-        axs[1].plot(np.square(_GAMMAS), mm, 'o', mfc='none' if kind == 'heavy' else None, c='k' if kind == 'gauss' else 'C3',
-                    label=f"{kind} (κ={r['kurtosis']:.1f}): measured, mean over M≥16")
-        axs[1].plot(np.square(_GAMMAS), [r['pred'][gm] for gm in _GAMMAS], ls, c='k' if kind == 'gauss' else 'C3', label=f"{kind}: predicted γa+γ²b")
-    axs[0].set_xlabel('1/M'); axs[0].set_ylabel('E_B[ℓ(BN)] − ℓ(PN)'); axs[0].set_title('gap vs 1/M: lines = prediction (solid Gauss, dashed heavy)', fontsize=9)
-    axs[0].legend(fontsize=7); axs[1].set_xlabel('γ²'); axs[1].set_ylabel('M · gap'); axs[1].legend(fontsize=7)
-    axs[1].set_title('M·gap vs γ² (β = 0.2, logistic block)', fontsize=9)
-    fig.tight_layout(); fig.savefig(fn, dpi=100); plt.close(fig)
-
-def _plot_training(tr, lr_res, wn, fn):
-    fig, axs = plt.subplots(1, 3, figsize=(14, 3.4))
-    bss = sorted({k[1] for k in tr}); meths = ['bn', 'pn', 'pn+gd']
-    for j, meth in enumerate(meths):
-        axs[0].bar(np.arange(len(bss)) + 0.27 * (j - 1), [100 * np.mean([r['acc'] for r in tr[(meth, b)]]) for b in bss], 0.27, label=meth)
-    axs[0].set_xticks(range(len(bss)), [f"M={b}" for b in bss]); axs[0].set_ylabel('test acc %'); axs[0].legend(fontsize=8)
-    lo = min(100 * np.mean([r['acc'] for r in v]) for v in tr.values()); axs[0].set_ylim(max(0, lo - 10), None)
-    axs[0].set_title('MNIST-1D MLP: BN vs PN vs PN + gamma decay', fontsize=9)
-    for meth, (best, finals) in lr_res.items():
-        lrs = sorted(finals); axs[1].semilogx(lrs, [min(finals[l], 10) if np.isfinite(finals[l]) else 10 for l in lrs], 'o-', label=f"{meth}: max stable lr {best:g}")
-    axs[1].axhline(math.log(10), c='gray', ls=':'); axs[1].set_ylim(0, 5); axs[1].set_xlabel('learning rate (SGD)'); axs[1].set_ylabel('final train loss (clipped)')
-    axs[1].legend(fontsize=8); axs[1].set_title('largest stable learning rate', fontsize=9)
-    lr, w = wn; st = np.arange(1, len(w) + 1)
-    axs[2].plot(st, w, label='mean ‖w‖ of layer-1 rows'); ax2 = axs[2].twinx()
-    ax2.semilogy(st, lr / np.square(w), c='C1', label='η/‖w‖²'); axs[2].set_xlabel('step'); axs[2].set_title(f'BN at lr {lr:g}: norm grows, effective lr falls', fontsize=9)
-    axs[2].legend(loc='upper left', fontsize=8); ax2.legend(loc='lower right', fontsize=8)
-    fig.tight_layout(); fig.savefig(fn, dpi=100); plt.close(fig)
-
-@reproduction('bn_theory',
-    claim="BN ≈ population normalization + an explicit gamma-decay penalty whose strength ∝ 1/batch size (larger for heavy-tailed "
-          "pre-activations); PN plus that penalty trains like BN; BN's scale invariance (effective lr η/‖w‖²) allows a larger "
-          "maximum learning rate.",
-    paper_value="Qualitative (the paper's numbers could not be retrieved): BN decomposes into PN + gamma decay with strength "
-                "∝ 1/M and a kurtosis term; BN trains converge at larger maximum and effective learning rates; in CNNs "
-                "(CIFAR-10/ImageNet) BN shares the traits of the explicit regularization.",
-    scale="(1) synthetic basic block (8-d inputs, logistic loss), Gaussian and heavy-tailed, M=8..128, γ=0.5..3, Monte-Carlo "
-          "≈3·10⁵/M batches; (2) MNIST-1D 3×256 MLP, SGD-momentum lr 0.05, 6 epochs, M ∈ {16,128}, BN / PN / PN+GammaDecay('fisher'), "
-          "2 seeds; (3) same MLP, plain SGD 100 steps, lr 0.02·2^k (k=0..9), BN / PN / no norm; 1 CPU thread")
-def bn_theory_reproduction(out_dir:Path, test:bool=False) -> Measured:
-    "Quick reproduction: the decomposition by Monte Carlo, BN vs PN vs PN+gamma decay on MNIST-1D, and the LR sweep."
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    Ms, n_total = ([16, 64], 20_000) if test else ([8, 16, 32, 64, 128], 300_000)
-    bss, epochs, seeds = ([128], 1, [0]) if test else ([16, 128], 6, [0, 1])
-    lrs = [0.1, 1.0, 10.0] if test else [0.02 * 2**k for k in range(10)]
-    lr_steps = 25 if test else 100
-    with cpu_threads(1):
-        dec, ok_gauss, ok_kurt = _decomposition(Ms, n_total)
-        tr = {}
-        for meth, b, s in progress_bar([(m, b, s) for b in bss for m in ('bn', 'pn', 'pn+gd') for s in seeds], leave=False):
-            tr.setdefault((meth, b), []).append(_train_mnist1d(meth, bs=b, epochs=epochs, seed=s))
-        lr_res = {n: max_stable_lr(n, lrs, steps=lr_steps) for n in ('bn', 'pn', 'none')}
-        best_bn = lr_res['bn'][0] or lrs[0]
-        wn = _train_mnist1d('bn', lr=best_bn, mom=0.0, steps=lr_steps, record=True)['wnorms']
-    _plot_decomposition(dec, Ms, out_dir/'bn_theory_decomposition.png')
-    _plot_training(tr, lr_res, (best_bn, wn), out_dir/'bn_theory_training.png')
-    acc = {f"{m}/M={b}": float(100 * np.mean([r['acc'] for r in tr[(m, b)]])) for (m, b) in tr}
-    gen_gap = {f"{m}/M={b}": float(np.mean([r['valid_loss'] - r['train_loss'] for r in tr[(m, b)]])) for (m, b) in tr}
-    b0 = min(bss)
-    gap = acc[f"bn/M={b0}"] - acc[f"pn/M={b0}"]
-    closed = (acc[f"pn+gd/M={b0}"] - acc[f"pn/M={b0}"]) / gap if abs(gap) > 1e-9 else float('nan')
-    ok_train = gap > 1.0 and closed >= 0.5
-    ok_lr = lr_res['bn'][0] > lr_res['none'][0]
-    verdict = ('reproduced' if ok_gauss and ok_train and ok_lr else
-               'partly' if ok_gauss and (ok_train or ok_lr or ok_kurt) else 'not at this scale')
-    g, hv = dec['gauss'], dec['heavy']
-    Mr = [M for M in Ms if M >= 16]
-    mg = lambda r, i: float(np.mean([r['meas'][M][i][0] for M in Mr]))
-    measured = (f"(1) M·(E_B ℓ_BN − ℓ_PN) at γ=1/3, mean over M∈{Mr}: Gaussian {mg(g,1):.3f}/{mg(g,3):.3f} "
-                f"(derived {g['pred'][1.0]:.3f}/{g['pred'][3.0]:.3f}), heavy-tailed κ={hv['kurtosis']:.1f} {mg(hv,1):.3f}/{mg(hv,3):.3f} "
-                f"(derived {hv['pred'][1.0]:.3f}/{hv['pred'][3.0]:.3f}); Gaussian within 3 s.e.+10 %: {ok_gauss}. "
-                f"(2) MNIST-1D test acc %: " + "; ".join(f"M={b}: BN {acc[f'bn/M={b}']:.1f}, PN {acc[f'pn/M={b}']:.1f}, PN+GD {acc[f'pn+gd/M={b}']:.1f}" for b in bss)
-                + f" → gamma decay closes {100 * closed:.0f} % of the BN−PN gap at M={b0}. "
-                f"(3) largest stable SGD lr: BN {lr_res['bn'][0]:g}, PN {lr_res['pn'][0]:g}, no norm {lr_res['none'][0]:g}; "
-                f"BN at lr {best_bn:g}: layer-1 ‖w‖ {wn[0]:.2f} → {wn[-1]:.2f}, effective lr η/‖w‖² {best_bn / wn[0]**2:.3g} → {best_bn / wn[-1]**2:.3g}")
-    notes = ("The decomposition's constants are our own second-order derivation (the paper's theorem text was not available); "
-             "the exact expansion has a first-order term γa/M besides the gamma decay γ²b/M. Heavy-tailed inputs converge to the "
-             "prediction more slowly in M (higher-order terms ∝ E z⁶, E z⁸). GammaDecay('fisher') approximates E[ℓ''] by the "
-             "empirical Fisher diagonal and E[ℓ''z²] by E[ℓ'']; its scale was not tuned. MNIST-1D MLP instead of the paper's "
-             "CIFAR/ImageNet CNNs." + (" TEST SCALE: 1 seed, 1 epoch, tiny grids." if test else ""))
-    values = dict(decomposition={k: dict(kurtosis=v['kurtosis'], pred={str(a): b for a, b in v['pred'].items()},
-                                         meas={str(M): m for M, m in v['meas'].items()}) for k, v in dec.items()},
-                  ok_gauss=ok_gauss, ok_kurtosis=ok_kurt, test_acc=acc, loss_gap=gen_gap, gap_closed=closed,
-                  max_stable_lr={k: v[0] for k, v in lr_res.items()}, lr_final_loss={k: {str(a): b for a, b in v[1].items()} for k, v in lr_res.items()},
-                  bn_wnorm=(wn[0], wn[-1]), bs=bss, epochs=epochs, seeds=seeds)
-    return Measured(measured, verdict, values=values, plots=['bn_theory_decomposition.png', 'bn_theory_training.png'], notes=notes)
-
-# %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #37c51dc4
-@recipe('bn_theory_cifar10_resnet', paper='bn_theory', dataset='cifar10', epochs=182,
-        description="PN + explicit gamma decay on CIFAR-10, ResNet-20 (PopulationNorm2d recalibrated every 20 steps over 8 "
-                    "batches, GammaDecay('fisher')), 1 warm-up epoch: SGD momentum 0.9, lr 0.1 ×0.1 at epochs 100/150 of 182, wd 1e-4 (all parameters), batch 128, "
-                    "crop + flip — the standard He et al. schedule, assumed (the paper's exact schedule was not available)")
-def bn_theory_cifar10_resnet(data:Path, epochs:int=182, smoke:bool=False, norm:str='pn+gd', depth:int=20) -> Learner:
-    "ResNet on CIFAR-10 with `norm` ∈ {'pn+gd', 'pn', 'bn'}; `smoke`: 64 images, batch 16, recalibration over 2 batches."
-    if norm not in ('pn+gd', 'pn', 'bn'): raise ValueError(f"norm must be 'pn+gd', 'pn' or 'bn', got {norm!r}")
-    dls = cifar10_dls(data, bs=128, augment=True, smoke=smoke)
-    model = cifar_resnet(depth, n_classes=len(dls.vocab), norm=nn.BatchNorm2d if norm == 'bn' else PopulationNorm2d)
-    cbs = [ParamScheduler({'lr': step_schedule(0.1, [epochs * 100 / 182, epochs * 150 / 182], epochs, warmup=min(1, epochs / 2))})]
-    if norm != 'bn': cbs.append(PopulationRecalibration(every=2 if smoke else 20, n_batches=2 if smoke else 8))
-    if norm == 'pn+gd': cbs.append(GammaDecay('fisher'))
-    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.9), lr=0.1, wd=1e-4,
-                   wd_bn_bias=True, metrics=accuracy, cbs=cbs)
-
-# %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #c9e3a5b1
-@recipe('bn_theory_imagenet_resnet18', paper='bn_theory', dataset='imagenet', epochs=90,
-        description="PN + explicit gamma decay on ImageNet, torchvision ResNet-18 (PopulationNorm2d recalibrated every 20 steps "
-                    "over 8 batches, GammaDecay('fisher')), 1 warm-up epoch; ASSUMED standard schedule: batch 256, SGD momentum 0.9, "
-                    "lr 0.1 ×0.1 at epochs 30/60/80 of 90, wd 1e-4 (all parameters), RandomResizedCrop 224 + flip")
-def bn_theory_imagenet_resnet18(data:Path, epochs:int=90, smoke:bool=False, norm:str='pn+gd') -> Learner:
-    "torchvision ResNet-18 on ImageNet with `norm` ∈ {'pn+gd', 'pn', 'bn'}; `smoke`: 32×32 crops, 4 images per class, batch 8."
-    import torchvision
-    if norm not in ('pn+gd', 'pn', 'bn'): raise ValueError(f"norm must be 'pn+gd', 'pn' or 'bn', got {norm!r}")
-    kw = dict(bs=8, size=32, num_workers=0, n_per_class=4, device='cpu') if smoke else dict(bs=256, size=224)
-    dls = imagenet_dls(data, **kw)
-    model = torchvision.models.resnet18(weights=None, num_classes=len(dls.vocab),
-                                        norm_layer=nn.BatchNorm2d if norm == 'bn' else PopulationNorm2d)
-    cbs = [ParamScheduler({'lr': step_schedule(0.1, [epochs * f for f in (30 / 90, 60 / 90, 80 / 90)], epochs, warmup=min(1, epochs / 2))})]
-    if norm != 'bn': cbs.append(PopulationRecalibration(every=2 if smoke else 20, n_batches=2 if smoke else 8))
-    if norm == 'pn+gd': cbs.append(GammaDecay('fisher'))
-    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.9), lr=0.1, wd=1e-4,
-                   wd_bn_bias=True, metrics=accuracy, cbs=cbs)

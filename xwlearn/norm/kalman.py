@@ -6,24 +6,18 @@ Docs: https://xwlearn.github.io/xwlearn/10_normalization/norm.kalman.html.md"""
 
 # %% ../../nbs/10_normalization/02_norm.kalman.ipynb #0fccc32c
 from __future__ import annotations
-import math, copy
-from functools import partial
-from pathlib import Path
+import math
 
-import numpy as np
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['NORM_METHODS', 'relu_moments', 'predict_moments', 'grouped_moments', 'kalman_update', 'BatchKalmanNorm1d',
-           'BatchKalmanNorm2d', 'convert_bn_to_bkn', 'precise_bn', 'bkn_splitter', 'mnist1d_norm_model',
-           'train_mnist1d_norm', 'eval_train_stats', 'prediction_quality', 'batch_kalman_norm', 'piecewise_lr',
-           'bkn_cifar10_resnet_microbatch', 'bkn_imagenet_resnet50_microbatch']
+__all__ = ['relu_moments', 'predict_moments', 'grouped_moments', 'kalman_update', 'BatchKalmanNorm1d', 'BatchKalmanNorm2d',
+           'convert_bn_to_bkn', 'precise_bn', 'bkn_splitter']
 
 # %% ../../nbs/10_normalization/02_norm.kalman.ipynb #a4158a5d
-from ..core import set_seed, set_cpu_threads, reproduction, Measured
-from ..nets import mnist1d_mlp, mnist1d_cnn, CifarResNet, cifar_resnet
+from ..nets import CifarResNet
 
 # %% ../../nbs/10_normalization/02_norm.kalman.ipynb #2b958a7f
 def relu_moments(mu:Tensor, var:Tensor) -> tuple[Tensor, Tensor]:
@@ -308,204 +302,9 @@ def precise_bn(model:nn.Module, # trained model with nn.BatchNorm / BKN layers
             if isinstance(m, _BatchKalmanNorm): m.group_size, m.p = g, p
     return model.eval()
 
-# %% ../../nbs/10_normalization/02_norm.kalman.ipynb #92c922b4
-from fastai.learner import Learner
-from fastai.metrics import accuracy
-from fastai.optimizer import SGD
-from fastai.callback.schedule import ParamScheduler
-from fastai.callback.progress import ProgressCallback  # also adds `Learner.no_bar`
-from fastprogress.fastprogress import progress_bar
-from ..data import mnist1d_dls
-from ..recipes import recipe, step_schedule
-
 # %% ../../nbs/10_normalization/02_norm.kalman.ipynb #ba319d16
 def bkn_splitter(model:nn.Module) -> list[list[nn.Parameter]]:
     "Two parameter groups: the weights of conv/linear layers (decayed), and everything else (biases, γ, β)."
     w = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
     ids = {id(p) for p in w}
     return [w, [p for p in model.parameters() if id(p) not in ids]]
-
-NORM_METHODS = ('bn', 'bkn', 'ln', 'gn')
-
-def mnist1d_norm_model(arch:str, # 'mlp' or 'cnn'
-                       method:str, # 'bn' (micro-batch BN), 'bkn', 'ln' (LayerNorm; GroupNorm(1) for the CNN), 'gn' (GroupNorm, 8 groups)
-                       micro:int|None=None, # micro-batch size for 'bn'/'bkn'; None: the whole batch
-                       p:float=0.9, mc_samples:int=64) -> nn.Module:
-    "A `xwlearn.nets` MNIST-1D network with the normalisation `method`."
-    if method not in NORM_METHODS: raise ValueError(f"method must be one of {NORM_METHODS}, got {method!r}")
-    if arch not in ('mlp', 'cnn'): raise ValueError(f"arch must be 'mlp' or 'cnn', got {arch!r}")
-    net = (mnist1d_mlp if arch == 'mlp' else mnist1d_cnn)(norm='bn' if method in ('bn', 'bkn') else method)
-    if method in ('bn', 'bkn'): net = convert_bn_to_bkn(net, group_size=micro, p=p if method == 'bkn' else 0.0, mc_samples=mc_samples)
-    return net
-
-def train_mnist1d_norm(arch:str, method:str, micro:int|None=None, # see `mnist1d_norm_model`
-                       seed:int=0, epochs:int=20, bs:int=128, lr:float=0.1, wd:float=5e-4,
-                       p:float=0.9, mc_samples:int=64,
-                       precise:bool=False, # also report the accuracy after `precise_bn`
-                      ) -> dict:
-    "Train on MNIST-1D with SGD momentum 0.9 and the step schedule (×0.1 at 50 % and 75 %); return test accuracies (and for BKN `prediction_quality`)."
-    set_seed(seed)
-    dls = mnist1d_dls(bs=bs, seed=seed, as_channels=arch == 'cnn', device='cpu')
-    model = mnist1d_norm_model(arch, method, micro, p=p, mc_samples=mc_samples)
-    learn = Learner(dls, model, opt_func=partial(SGD, mom=0.9), lr=lr, wd=[wd, 0.0], splitter=bkn_splitter,
-                    metrics=accuracy, cbs=ParamScheduler({'lr': step_schedule(lr, [0.5 * epochs, 0.75 * epochs], epochs)}))
-    with learn.no_bar(), learn.no_logging():
-        learn.fit(epochs)
-        out = dict(acc=float(learn.validate()[1]))
-        if method in ('bn', 'bkn') and micro is not None:  # evaluated as trained: test batches normalised by their own micro-batches
-            out['acc_train_stats'] = eval_train_stats(model, dls.valid)
-        if method == 'bkn' and p > 0: out['prediction_quality'] = prediction_quality(model, dls.valid.one_batch()[0])
-        if precise:
-            precise_bn(model, dls.train, n_batches=len(dls.train))
-            out['acc_precise'] = float(learn.validate()[1])
-    return out
-
-@torch.no_grad()
-def eval_train_stats(model:nn.Module, dl) -> float:
-    "Accuracy with every BN/BKN layer in training mode (micro-batch statistics of the test batches); `model` is not changed."
-    m = copy.deepcopy(model).train(); correct = total = 0
-    for xb, yb in dl:
-        n = len(xb) - len(xb) % max(1, min(getattr(l, 'group_size', None) or 1 for l in m.modules() if isinstance(l, _BatchKalmanNorm)))
-        correct += (m(xb[:n]).argmax(1) == yb[:n]).sum().item(); total += n
-    return correct / total
-
-# %% ../../nbs/10_normalization/02_norm.kalman.ipynb #b329201f
-@torch.no_grad()
-def prediction_quality(model:nn.Module, # a network with linked BKN layers (p > 0)
-                       x:Tensor, # a large batch (a multiple of the group size)
-                      ) -> list[dict]:
-    "Per linked BKN layer: errors of the prediction and of the micro-batch observation vs the whole-batch statistics."
-    m = copy.deepcopy(model).train(); inputs = {}
-    layers = [l for l in m.modules() if isinstance(l, _BatchKalmanNorm)]
-    hooks = [l.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(mod, a[0])) for l in layers]
-    try: m(x)
-    finally:
-        for h in hooks: h.remove()
-    out = []
-    for i, l in enumerate(layers):
-        if l._diag is None: continue
-        mu_p, var_p, pe = l._diag
-        ref_v, ref_m = torch.var_mean(inputs[l].transpose(0, 1).flatten(1), dim=1, correction=0)   # whole batch, (C,)
-        mu_o, var_o, _ = grouped_moments(inputs[l], l.group_size)
-        err = lambda mu, var: (((mu - ref_m).abs() / ref_v.sqrt()).mean().item(), (var / ref_v).log().abs().mean().item())
-        (em_p, ev_p), (em_o, ev_o) = err(mu_p, var_p), err(mu_o, var_o)
-        out.append(dict(layer=i, gain=pe.item(), pred_mean_err=em_p, pred_logvar_err=ev_p, obs_mean_err=em_o, obs_logvar_err=ev_o,
-                        pred_var_ratio=(var_p.mean(0) / ref_v).median().item()))
-    return out
-
-# %% ../../nbs/10_normalization/02_norm.kalman.ipynb #2b9666a8
-import matplotlib.pyplot as plt
-
-def _mean_std(v): return float(np.mean(v)), float(np.std(v))
-
-def _plot_kalman(res, sizes, out:Path):
-    archs = [a for a in ('mlp', 'cnn') if any(k[0] == a for k in res)]
-    fig, axs = plt.subplots(1, len(archs), figsize=(5.2 * len(archs), 3.6), squeeze=False)
-    for ax, a in zip(axs[0], archs):
-        for (name, key, st) in [('BN', 'bn', 'acc'), ('BN + PreciseBN', 'bn', 'acc_precise'), ('BKN', 'bkn', 'acc'),
-                                ('BN, micro-batch test stats', 'bn', 'acc_train_stats')]:
-            xs = [s for s in sizes if (a, key, s) in res and st in res[(a, key, s)][0]]
-            if not xs: continue
-            ms = [100 * np.mean([r[st] for r in res[(a, key, s)]]) for s in xs]
-            ss = [100 * np.std([r[st] for r in res[(a, key, s)]]) for s in xs]
-            ax.errorbar([s or 128 for s in xs], ms, ss, marker='o', capsize=3, label=name, ls=':' if 'test stats' in name else '-')
-        for key, nm in [('ln', 'LayerNorm'), ('gn', 'GroupNorm')]:
-            if (a, key, None) in res: ax.axhline(100 * np.mean([r['acc'] for r in res[(a, key, None)]]), c='gray', ls='--', label=nm)
-        ax.set_xscale('log', base=2); ax.set_xlabel('micro-batch size (statistics); optimizer batch 128'); ax.set_ylabel('test accuracy %')
-        ax.set_title(f"MNIST-1D {a.upper()}"); ax.legend(fontsize=7)
-    plt.tight_layout(); fig.savefig(out, dpi=110); plt.close(fig)
-
-@reproduction('kalman', key='batch_kalman_norm',
-              claim="With micro-batches, Batch Kalman Normalization trains as well as BatchNorm with a large batch, and far better than BN at the same micro-batch",
-              paper_value="CIFAR-10/100: comparable accuracy at batch 2 vs 128 (64× smaller); ImageNet InceptionV2 74.0 % top-1; NeurIPS version: ResNet-50 at batch 4, 3.4 % lower error than BN",
-              scale="MNIST-1D 3×256 MLP, 8 epochs, optimizer batch 128, statistics over micro-batches of 2/4/8/128: BN, BN+PreciseBN (2/4/8/128), BKN p 0.9 closed-form prediction (2/8; one Monte-Carlo run at 2), LayerNorm, 3 seeds; 1-D CNN 4 epochs: BN, BN+PreciseBN at 2/128, BKN at 2, GroupNorm, 3 seeds; ~3 CPU-min")
-def batch_kalman_norm(out_dir:Path, test:bool=False) -> Measured:
-    "BN, BN + PreciseBN, BKN and LN/GN vs micro-batch size on MNIST-1D; verdict from BKN at micro-batch 2 vs BN at 128 and BN+PreciseBN at 2."
-    out_dir = Path(out_dir)
-    seeds, ep_mlp, ep_cnn = ([0], 1, 1) if test else ([0, 1, 2], 8, 4)
-    sizes, bkn_sizes = ([2, None], [2]) if test else ([2, 4, 8, None], [2, 8])   # BKN is the slow one: 2 sizes
-    runs = [('mlp', 'bn', s, ep_mlp, {}) for s in sizes] + [('mlp', 'bkn', s, ep_mlp, {}) for s in bkn_sizes]
-    runs += [('mlp', 'ln', None, ep_mlp, {})]
-    if not test: runs += [('cnn', 'bn', s, ep_cnn, {}) for s in (2, None)] + [('cnn', 'bkn', 2, ep_cnn, {}), ('cnn', 'gn', None, ep_cnn, {})]
-    res, mc = {}, None
-    for (a, m, s, ep, kw) in progress_bar(runs, leave=False):
-        res[(a, m, s)] = [train_mnist1d_norm(a, m, s, seed=sd, epochs=ep, precise=m == 'bn', mc_samples=0, **kw) for sd in seeds]
-    if not test: mc = train_mnist1d_norm('mlp', 'bkn', 2, seed=0, epochs=ep_mlp, mc_samples=64)['acc']
-    pq = res[('mlp', 'bkn', 2)][0].pop('prediction_quality')          # the prediction's quality, trained BKN MLP at 2, seed 0
-    for rs in res.values():
-        for r in rs: r.pop('prediction_quality', None)
-    _plot_kalman(res, sizes, out_dir/'kalman_microbatch.png')
-    st = {f"{a}/{m}/{s or 128}/{k}": _mean_std([100 * r[k] for r in rs]) for (a, m, s), rs in res.items() for k in rs[0]}
-    g = lambda a, m, s, k='acc': st.get(f"{a}/{m}/{s}/{k}", (float('nan'), 0.0))
-    se = lambda a, m, s, k='acc': g(a, m, s, k)[1] / math.sqrt(len(seeds))
-    bkn2, bn128, pbn2 = g('mlp', 'bkn', 2), g('mlp', 'bn', 128), g('mlp', 'bn', 2, 'acc_precise')
-    close_to_large = bkn2[0] >= bn128[0] - max(2.0, 2 * math.hypot(se('mlp', 'bkn', 2), se('mlp', 'bn', 128)))
-    beats_pbn = bkn2[0] > pbn2[0] + max(1.0, 2 * math.hypot(se('mlp', 'bkn', 2), se('mlp', 'bn', 2, 'acc_precise')))
-    verdict = 'reproduced' if close_to_large and beats_pbn else 'partly' if beats_pbn else 'not at this scale'
-    fmt = lambda a, m, s, k='acc': f"{g(a, m, s, k)[0]:.1f}±{g(a, m, s, k)[1]:.1f}"
-    szs = [s or 128 for s in sizes]
-    measured = (f"MNIST-1D MLP test acc % ({len(seeds)} seed{'s' * (len(seeds) > 1)}), micro-batch {'/'.join(map(str, szs))}: "
-                f"BN {' / '.join(fmt('mlp', 'bn', s) for s in szs)}; BN+PreciseBN {' / '.join(fmt('mlp', 'bn', s, 'acc_precise') for s in szs)}; "
-                f"BKN {' / '.join(fmt('mlp', 'bkn', s or 128) for s in bkn_sizes)} (at {'/'.join(str(s) for s in bkn_sizes)}); LN {fmt('mlp', 'ln', 128)}"
-                + (f"; BKN MC prediction at 2 (1 seed): {100 * mc:.1f}" if mc is not None else "")
-                + (f". CNN at 2 / 128: BN {fmt('cnn', 'bn', 2)} / {fmt('cnn', 'bn', 128)}, BN+PreciseBN {fmt('cnn', 'bn', 2, 'acc_precise')}, "
-                   f"BKN {fmt('cnn', 'bkn', 2)}, GN {fmt('cnn', 'gn', 128)}" if not test else "")
-                + f". BKN at 2 vs BN at 128: {'close' if close_to_large else 'not close'}; vs BN+PreciseBN at 2: {'better' if beats_pbn else 'not better'}")
-    notes = (f"As-trained accuracy (test set normalised by its own micro-batches of 2): BN {fmt('mlp', 'bn', 2, 'acc_train_stats')}, "
-             f"BKN {fmt('mlp', 'bkn', 2, 'acc_train_stats')}. Prediction quality in a trained micro-batch-2 BKN MLP (per linked layer: "
-             "mean |μ err|/σ_batch and mean |log σ² ratio|, prediction vs micro-batch observation; median σ²_pred/σ²_batch): "
-             + "; ".join(f"layer {d['layer']}: pred {d['pred_mean_err']:.2f}/{d['pred_logvar_err']:.2f} vs obs {d['obs_mean_err']:.2f}/"
-                         f"{d['obs_logvar_err']:.2f}, ratio {d['pred_var_ratio']:.2g}, gain {d['gain']:.2f}" for d in pq)
-             + ". Micro-batches as in the official code: statistics per group of the batch, the optimizer sees batch 128. "
-               "MNIST-1D is far smaller than CIFAR/ImageNet; hyper-parameters were not re-tuned per method."
-             + (" TEST SCALE: 1 seed, 1 epoch, MLP only." if test else ""))
-    return Measured(measured, verdict, values=dict(mean_std=st, bkn_mc_micro2=mc, prediction_quality=pq, seeds=seeds,
-                    epochs_mlp=ep_mlp, epochs_cnn=ep_cnn, close_to_large=close_to_large, beats_precise_bn=beats_pbn),
-                    plots=['kalman_microbatch.png'], notes=notes)
-
-# %% ../../nbs/10_normalization/02_norm.kalman.ipynb #58ae7691
-from fastai.losses import CrossEntropyLossFlat
-from ..data import cifar10_dls, imagenet_dls
-
-# %% ../../nbs/10_normalization/02_norm.kalman.ipynb #233bbca6
-def piecewise_lr(lrs:list, # learning rate in each phase
-                 milestones:list, # epochs (completed) at which the next phase starts
-                 epochs:int):
-    "A fastai schedule `f(pct)`: `lrs[i]` after `milestones[i-1]` epochs."
-    if len(lrs) != len(milestones) + 1: raise ValueError("need one more lr than milestones")
-    def f(pct): return lrs[sum(float(pct) * epochs >= m for m in milestones)]
-    return f
-
-@recipe('bkn_cifar10_resnet_microbatch', paper='kalman', dataset='cifar10', epochs=400,
-        description="Batch Kalman Normalization (p 0.9, MC prediction) in ResNet-32 on CIFAR-10, batch 128 with statistics over "
-                    "micro-batches of 2; SGD momentum 0.9, lr 0.1/0.01/0.001/0.0002 from epochs 1/82/123/300 of 400, L2 2e-4 on "
-                    "weights, crop + flip — the official cifar-kn-microbatch setting (other --epochs: same fractions)")
-def bkn_cifar10_resnet_microbatch(data:Path, epochs:int=400, smoke:bool=False) -> Learner:
-    "The official CIFAR-10 micro-batch BKN run; `smoke`: 64 images, batch 16 (8 groups of 2)."
-    dls = cifar10_dls(data, bs=128, augment=True, smoke=smoke)
-    model = convert_bn_to_bkn(cifar_resnet(32, len(dls.vocab)), group_size=2, p=0.9, mc_samples=64)
-    ms = [m * epochs / 400 for m in (81, 122, 299)]
-    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, lr=0.1, wd=[2e-4, 0.0], splitter=bkn_splitter,
-                   opt_func=partial(SGD, mom=0.9, decouple_wd=False),
-                   cbs=ParamScheduler({'lr': piecewise_lr([0.1, 0.01, 1e-3, 2e-4], ms, epochs)}))
-
-# %% ../../nbs/10_normalization/02_norm.kalman.ipynb #b8d2f4a1
-@recipe('bkn_imagenet_resnet50_microbatch', paper='kalman', dataset='imagenet', epochs=90,
-        description="Batch Kalman Normalization (p 0.9, MC prediction) in torchvision ResNet-50 on ImageNet, statistics over "
-                    "micro-batches of 4 (paper); ASSUMED: batch 256 = 64 groups, SGD momentum 0.9, lr 0.1 ×0.1 at epochs "
-                    "30/60/80 of 90, wd 1e-4 on conv/linear weights, RandomResizedCrop 224 + flip")
-def bkn_imagenet_resnet50_microbatch(data:Path, epochs:int=90, smoke:bool=False,
-                                     bs:int=256, # global batch (a multiple of `micro`); lr = 0.1·bs/256
-                                     micro:int=4, # samples per statistics group
-                                    ) -> Learner:
-    "ResNet-50 + BKN on ImageNet with micro-batches of `micro`; `smoke`: 32×32 crops, 4 images per class, batch 8 on the CPU."
-    import torchvision
-    if bs % micro: raise ValueError(f"bs={bs} must be a multiple of micro={micro}")
-    kw = dict(bs=8, size=32, num_workers=0, n_per_class=4, device='cpu') if smoke else dict(bs=bs, size=224)
-    dls = imagenet_dls(data, **kw)
-    model = convert_bn_to_bkn(torchvision.models.resnet50(weights=None, num_classes=len(dls.vocab)),
-                              group_size=micro, p=0.9, mc_samples=64)
-    lr = 0.1 * kw['bs'] / 256
-    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, lr=lr, wd=[1e-4, 0.0], splitter=bkn_splitter,
-                   opt_func=partial(SGD, mom=0.9, decouple_wd=False),
-                   cbs=ParamScheduler({'lr': step_schedule(lr, [epochs * f for f in (30 / 90, 60 / 90, 80 / 90)], epochs)}))

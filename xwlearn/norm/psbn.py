@@ -6,22 +6,14 @@ Docs: https://xwlearn.github.io/xwlearn/10_normalization/norm.psbn.html.md"""
 
 # %% ../../nbs/10_normalization/03_norm.psbn.ipynb #0b2097ab
 from __future__ import annotations
-import math
-from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn, Tensor
-import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['COLLAPSE_OPTS', 'collapse_prob', 'loglog_slope', 'PostShiftedBatchNorm1d', 'PostShiftedBatchNorm2d',
-           'to_post_shifted', 'collapsed_channels', 'collapse_summary', 'CollapsedFilterMonitor', 'train_collapse',
-           'psbn_reproduction', 'psbn_cifar10_resnet', 'psbn_cifar10_resnet_bn']
-
-# %% ../../nbs/10_normalization/03_norm.psbn.ipynb #d34d219b
-from ..core import set_seed, set_cpu_threads, cpu_threads, reproduction, Measured
+__all__ = ['collapse_prob', 'loglog_slope', 'PostShiftedBatchNorm1d', 'PostShiftedBatchNorm2d', 'to_post_shifted',
+           'collapsed_channels', 'collapse_summary', 'CollapsedFilterMonitor']
 
 # %% ../../nbs/10_normalization/03_norm.psbn.ipynb #a243824b
 def collapse_prob(etas, # learning rates η
@@ -92,19 +84,8 @@ def to_post_shifted(model:nn.Module, # a network with nn.BatchNorm1d/2d layers (
         else: to_post_shifted(m, alpha)
     return model
 
-# %% ../../nbs/10_normalization/03_norm.psbn.ipynb #2751d89a
-from ..nets import mnist1d_cnn, cifar_resnet  # the shared networks (BatchNorm by default)
-
 # %% ../../nbs/10_normalization/03_norm.psbn.ipynb #9e220ee5
 from fastai.callback.core import Callback
-from fastai.learner import Learner
-from fastai.metrics import accuracy
-from fastai.optimizer import SGD, Adam
-from fastai.callback.schedule import ParamScheduler
-from fastai.callback.progress import ProgressCallback  # also adds `Learner.no_bar`
-from fastprogress.fastprogress import progress_bar
-from ..data import mnist1d_dls
-from ..recipes import recipe, step_schedule
 
 # %% ../../nbs/10_normalization/03_norm.psbn.ipynb #961335ea
 def _norms(model:nn.Module) -> list[tuple[str, nn.Module]]:
@@ -154,126 +135,3 @@ class CollapsedFilterMonitor(Callback):
         dl = self.dl if self.dl is not None else self.dls.train.new(shuffle=False, drop_last=False)
         s = collapse_summary(collapsed_channels(self.model, dl, self.gamma_tol))
         self.history.append(dict(epoch=self.epoch + 1, **s))
-
-# %% ../../nbs/10_normalization/03_norm.psbn.ipynb #23267e22
-COLLAPSE_OPTS = {  # name -> fastai opt_func; coupled L2 (added to the gradient) on every parameter, as in the paper's setting
-    'SGD':  partial(SGD, mom=0.9, wd=5e-4, decouple_wd=False),
-    'Adam': partial(Adam, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=5e-4, decouple_wd=False),
-}
-
-def train_collapse(opt:str, # key of `COLLAPSE_OPTS`
-                   lr:float, norm:str='bn', # 'bn' or 'psbn'
-                   seed:int=0, epochs:int=30, bs:int=128, alpha:float=0.1) -> dict:
-    "Train the MNIST-1D 1-D CNN at a constant lr; return test accuracy, the collapse history and the final collapse."
-    set_seed(seed)
-    dls = mnist1d_dls(bs=bs, seed=seed, as_channels=True, device='cpu')
-    model = mnist1d_cnn(norm='bn' if norm == 'bn' else partial(PostShiftedBatchNorm1d, alpha=alpha))
-    mon = CollapsedFilterMonitor()
-    learn = Learner(dls, model, opt_func=COLLAPSE_OPTS[opt], lr=lr, metrics=accuracy, wd_bn_bias=True, cbs=mon)
-    with learn.no_bar(), learn.no_logging(): learn.fit(epochs)
-    acc = float(learn.recorder.values[-1][2]) if np.isfinite(learn.recorder.values[-1][1]) else 0.1
-    return dict(acc=100 * acc, dead=100 * mon.history[-1]['dead_frac'], small_gamma=100 * mon.history[-1]['small_gamma_frac'],
-                curve=[100 * h['dead_frac'] for h in mon.history])
-
-# %% ../../nbs/10_normalization/03_norm.psbn.ipynb #3c78270e
-def _plot_law(etas, g0s, P, fn:Path):
-    import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(1, 2, figsize=(9, 3.2))
-    for j, g in enumerate(g0s): axs[0].loglog(etas, P[:, j], 'o-', ms=3, label=f"γ₀ = {g:g}")
-    for i, e in enumerate(etas): axs[1].loglog(g0s, P[i], 'o-', ms=3, label=f"η = {e:g}")
-    axs[0].loglog(etas, P[0, 0] * (etas / etas[0]) ** 2, 'k--', lw=1, label='∝ η²')
-    axs[1].loglog(g0s, P[-1, 0] * (g0s / g0s[0]) ** -2, 'k--', lw=1, label='∝ γ₀⁻²')
-    axs[0].set_xlabel('learning rate η'); axs[1].set_xlabel('BN scale γ₀'); axs[0].set_ylabel('P(collapse in one step)')
-    for ax in axs: ax.legend(fontsize=7)
-    fig.suptitle('Monte-Carlo: one noisy step into the dead cone (Student-t(2) noise)', fontsize=10)
-    fig.tight_layout(); fig.savefig(fn, dpi=100); plt.close(fig)
-
-def _plot_collapse(runs:dict, fn:Path):
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    for (opt, lr, norm), rs in runs.items():
-        c = np.array([r['curve'] for r in rs]); m = c.mean(0); ep = np.arange(1, len(m) + 1)
-        ax.plot(ep, m, ls='-' if norm == 'bn' else '--', marker='.', ms=3,
-                label=f"{opt} lr {lr:g} {norm.upper()}: {m[-1]:.1f} %, acc {np.mean([r['acc'] for r in rs]):.1f} %")
-    ax.set_xlabel('epoch'); ax.set_ylabel('collapsed channels (%)'); ax.legend(fontsize=7)
-    ax.set_title('MNIST-1D 1-D CNN, coupled L2 5e-4: collapsed channels during training', fontsize=10)
-    fig.tight_layout(); fig.savefig(fn, dpi=100); plt.close(fig)
-
-# %% ../../nbs/10_normalization/03_norm.psbn.ipynb #0cf634ee
-@reproduction('psbn',
-    claim="With BN + ReLU, noisy updates drive BN parameters into a non-trainable region (collapsed filters) with probability "
-          "∝ η²/γ², so large or adaptive learning rates collapse more filters; post-shifted BN has BN's representation "
-          "power, revives collapsed filters and improves accuracy.",
-    paper_value="Abstract: collapse probability ∝ (learning rate)² / (BN scale γ)²; more collapse with large LR and adaptive "
-                "LR (Adam) and when fine-tuning; psBN recovers collapsed filters and improves CIFAR-10 classification and "
-                "MS-COCO detection (the paper's tables were not retrieved)",
-    scale="Monte-Carlo of one noisy (γ, β) step, Student-t(2) noise, 4×4 (η, γ₀) grid, 4M walkers; MNIST-1D (4k/1k), "
-          "4-layer BN 1-D CNN width 32, batch 128, constant lr, coupled L2 5e-4 on all parameters, 30 epochs; SGD-m 0.1/1.0 "
-          "and Adam 1e-3/3e-2 with BN; BN vs psBN (α = 0.1) on the collapsing cells; seed 0 only (one run per cell); 1 CPU thread")
-def psbn_reproduction(out_dir:Path, test:bool=False) -> Measured:
-    "Quick reproduction: the η²/γ² Monte-Carlo, then collapse over an (optimizer × lr) grid and BN vs psBN on MNIST-1D."
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    etas, g0s = np.geomspace(0.01, 0.04, 4), np.geomspace(0.5, 2.0, 4)   # η/γ₀ from 0.005 to 0.08
-    epochs, seeds, walkers = (2, [0], 200_000) if test else (30, [0], 4_000_000)
-    grid = [('SGD', 0.1), ('SGD', 1.0), ('Adam', 1e-3), ('Adam', 3e-2)] if not test else [('SGD', 0.1), ('SGD', 1.0)]
-    P = collapse_prob(etas, g0s, 't2', steps=1, walkers=walkers)
-    s_eta = float(np.nanmean([loglog_slope(etas, P[:, j], walkers) for j in range(len(g0s))]))
-    s_g = float(np.nanmean([loglog_slope(g0s, P[i], walkers) for i in range(len(etas))]))
-    _plot_law(etas, g0s, P, out_dir/'psbn_law.png')
-    runs = {}
-    with cpu_threads(1):
-        for o, lr in progress_bar(grid, leave=False): runs[(o, lr, 'bn')] = [train_collapse(o, lr, 'bn', 0, epochs)]
-        collapsing = [(o, lr) for o, lr in grid if runs[(o, lr, 'bn')][0]['dead'] >= 5.0] or ([grid[-1]] if test else [])
-        jobs = [(o, lr, n, s) for o, lr in collapsing for n in ('bn', 'psbn') for s in seeds if (n, s) != ('bn', 0)]
-        for o, lr, n, s in progress_bar(jobs, leave=False): runs.setdefault((o, lr, n), []).append(train_collapse(o, lr, n, s, epochs))
-    _plot_collapse({k: v for k, v in runs.items() if k[:2] in collapsing} or runs, out_dir/'psbn_collapse.png')
-    mean = lambda k, f: float(np.mean([r[f] for r in runs[k]]))
-    law_ok = 1.7 < s_eta < 2.6 and -2.6 < s_g < -1.7
-    fewer = {f"{o} {lr:g}": mean((o, lr, 'psbn'), 'dead') < mean((o, lr, 'bn'), 'dead') for o, lr in collapsing}
-    acc_ok = {f"{o} {lr:g}": mean((o, lr, 'psbn'), 'acc') >= mean((o, lr, 'bn'), 'acc') for o, lr in collapsing}
-    if not law_ok or not collapsing: verdict = 'not at this scale'
-    elif all(fewer.values()) and all(acc_ok.values()) and len(seeds) >= 2: verdict = 'reproduced'  # one seed can't separate gains from noise
-    else: verdict = 'partly'
-    grid_txt = ", ".join(f"{o} {lr:g}: {runs[(o, lr, 'bn')][0]['dead']:.1f} % collapsed / {runs[(o, lr, 'bn')][0]['acc']:.1f} % acc"
-                         for o, lr in grid)
-    cmp_txt = "; ".join(f"{o} {lr:g} ({len(seeds)} seeds): collapsed BN {mean((o, lr, 'bn'), 'dead'):.1f} % vs psBN "
-                        f"{mean((o, lr, 'psbn'), 'dead'):.1f} %, acc BN {mean((o, lr, 'bn'), 'acc'):.1f} % vs psBN "
-                        f"{mean((o, lr, 'psbn'), 'acc'):.1f} %" for o, lr in collapsing)
-    measured = (f"Monte-Carlo slopes: {s_eta:+.2f} in η, {s_g:+.2f} in γ₀ (Student-t(2) noise, one step). BN grid (seed 0): "
-                f"{grid_txt}. BN vs psBN on collapsing cells: {cmp_txt or 'none collapsed'}")
-    notes = ("psBN formula y = BN(x) + α (α = 0.1) is from the third-party kekmodel/FixMatch-pytorch PSBatchNorm2d, UNVERIFIED "
-             "against the paper's §5. The η²/γ² law is checked as a Chebyshev-type law: exact scale invariance in η/γ₀ holds for "
-             "any noise, the exponent 2 for heavy-tailed (t₂) noise; Gaussian noise decays faster. Collapse on MNIST-1D needed "
-             "coupled weight decay on γ and β. Collapsed = BN output ≤ 0 on every sample/position of the training set in eval mode."
-             + (" TEST SCALE: 2 epochs, 1 seed, 2 grid cells, 200k walkers." if test else ""))
-    values = dict(slope_eta=s_eta, slope_gamma0=s_g, P=P.tolist(), etas=etas.tolist(), gamma0s=g0s.tolist(), epochs=epochs,
-                  seeds=seeds, runs={f"{o}|{lr:g}|{n}": [{k: v for k, v in r.items()} for r in rs] for (o, lr, n), rs in runs.items()},
-                  psbn_fewer=fewer, psbn_acc_not_lower=acc_ok)
-    return Measured(measured, verdict, values=values, plots=['psbn_law.png', 'psbn_collapse.png'], notes=notes)
-
-# %% ../../nbs/10_normalization/03_norm.psbn.ipynb #5c03b755
-from fastai.losses import CrossEntropyLossFlat
-from ..data import cifar10_dls
-
-# %% ../../nbs/10_normalization/03_norm.psbn.ipynb #0f9e7d36
-def _cifar_learner(data:Path, epochs:int, smoke:bool, norm) -> Learner:
-    dls = cifar10_dls(data, bs=128, augment=True, smoke=smoke)
-    model = cifar_resnet(20 if smoke else 56, n_classes=len(dls.vocab), norm=norm)
-    ms = [82, 123] if epochs == 164 else [epochs * 82 / 164, epochs * 123 / 164]
-    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, lr=0.1, wd_bn_bias=True,
-                   opt_func=partial(SGD, mom=0.9, wd=1e-4, decouple_wd=False),
-                   cbs=[ParamScheduler({'lr': step_schedule(0.1, ms, epochs)}), CollapsedFilterMonitor(every=1 if smoke else 4)])
-
-@recipe('psbn_cifar10_resnet', paper='psbn', dataset='cifar10', epochs=164,
-        description="psBN (α=0.1) ResNet-56 on CIFAR-10: SGD-m lr 0.1, coupled L2 1e-4 on all params, batch 128, 164 epochs, "
-                    "×0.1 at 82/123, crop+flip — ASSUMED (He et al. protocol; the paper's setting was not retrieved); "
-                    "records collapsed channels every 4 epochs")
-def psbn_cifar10_resnet(data:Path, epochs:int=164, smoke:bool=False) -> Learner:
-    "ResNet-56 with post-shifted BN on CIFAR-10; `smoke`: ResNet-20, 64 images, batch 16."
-    return _cifar_learner(data, epochs, smoke, partial(PostShiftedBatchNorm2d, alpha=0.1))
-
-@recipe('psbn_cifar10_resnet_bn', paper='psbn', dataset='cifar10', epochs=164,
-        description="the BN baseline of psbn_cifar10_resnet: identical setting with nn.BatchNorm2d")
-def psbn_cifar10_resnet_bn(data:Path, epochs:int=164, smoke:bool=False) -> Learner:
-    "ResNet-56 with plain BN on CIFAR-10 (baseline); `smoke`: ResNet-20, 64 images, batch 16."
-    return _cifar_learner(data, epochs, smoke, nn.BatchNorm2d)

@@ -6,9 +6,7 @@ Docs: https://xwlearn.github.io/xwlearn/30_compression/prune.criteria.html.md"""
 
 # %% ../../nbs/30_compression/01_prune.criteria.ipynb #182c90bf
 from __future__ import annotations
-import copy, math
-from functools import partial
-from pathlib import Path
+import math
 
 import numpy as np
 import torch
@@ -19,13 +17,8 @@ from scipy.special import gammaln
 
 # %% auto #0
 __all__ = ['CRITERIA', 'chi_cv', 'filter_matrix', 'weiszfeld', 'importance', 'taylor_importance', 'keep_mask',
-           'global_keep_masks', 'jaccard', 'mardia', 'henze_zirkler', 'remove_filters', 'mnist1d_cnn_groups',
-           'resnet_groups', 'PruneFilters', 'train_plain', 'accuracy_of', 'layer_scores', 'resnet_score_groups',
-           'gaussianity', 'power_curve', 'cwda_setting', 'cwda_summary', 'cwda_reproduction', 'prune_schedule',
-           'cwda_prune_learner', 'cwda_cifar10_resnet56_prune']
-
-# %% ../../nbs/30_compression/01_prune.criteria.ipynb #f46d94aa
-from ..core import set_seed, set_cpu_threads, cpu_threads, reproduction, Measured
+           'global_keep_masks', 'jaccard', 'mardia', 'henze_zirkler', 'gaussianity', 'remove_filters',
+           'mnist1d_cnn_groups', 'resnet_groups', 'PruneFilters']
 
 # %% ../../nbs/30_compression/01_prune.criteria.ipynb #11ac7f81
 def chi_cv(d:int|np.ndarray) -> np.ndarray:
@@ -180,6 +173,24 @@ def henze_zirkler(x, # (n, p) samples, n > p
     return dict(stat=float(T), beta=math.sqrt(b2), null_mean=mu, null_var=var,
                 p=float(stats.lognorm.sf(T, s, scale=mu / math.sqrt(1 + var / mu ** 2))))
 
+# %% ../../nbs/30_compression/01_prune.criteria.ipynb #b707e568
+def gaussianity(weight:Tensor, seed:int=0, max_taps:int=2000) -> dict:
+    "CWDA tests on one layer: per-coordinate Shapiro–Wilk pass rate, pooled D'Agostino K², Mardia and Henze–Zirkler on the kernels and on 3 coordinates."
+    W = filter_matrix(weight).numpy(); n, d = W.shape
+    sh = np.array([stats.shapiro(W[:, j])[1] for j in range(d)]) if n >= 3 else np.array([np.nan])
+    pooled = (W - W.mean(0)) / W.std(0).clip(1e-12)                  # coordinates standardised, then pooled
+    k = int(np.prod(weight.shape[2:])) if weight.ndim > 2 else 1      # taps per kernel: 3 (1-D k=3), 9 (3×3)
+    taps = weight.detach().double().reshape(-1, k).numpy()             # every (out, in) kernel as a k-vector
+    rng = np.random.default_rng(seed)
+    cols = rng.choice(d, size=min(3, d), replace=False)
+    if len(taps) > max_taps: taps = taps[rng.choice(len(taps), max_taps, replace=False)]   # the tests are O(n²)
+    ok = k > 1 and len(taps) > k
+    return dict(n=n, d=d, shapiro_pass=float(np.mean(sh > 0.05)), pooled_n=int(pooled.size),
+                pooled_p=float(stats.normaltest(pooled.ravel())[1]), n_taps=len(taps), k=k,
+                mardia_taps=mardia(taps) if ok else None, mardia_cols=mardia(W[:, cols]),
+                hz_taps=henze_zirkler(taps) if ok else None, hz_cols=henze_zirkler(W[:, cols]))
+
+
 # %% ../../nbs/30_compression/01_prune.criteria.ipynb #96e2b006
 def _slice_conv_out(conv, keep):
     new = type(conv)(conv.in_channels, int(keep.sum()), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
@@ -265,249 +276,3 @@ class PruneFilters(Callback):
         "Physically remove the masked filters (after fine-tuning)."
         for c, b, n in self.groups: remove_filters(model, c, self.masks[c].cpu(), b, n)
         return model
-
-# %% ../../nbs/30_compression/01_prune.criteria.ipynb #f0871672
-from fastprogress import progress_bar
-from ..data import mnist1d_arrays, digits_arrays
-from ..nets import mnist1d_cnn, cifar_resnet
-
-# %% ../../nbs/30_compression/01_prune.criteria.ipynb #cdca3c58
-def _mnist1d_tensors():
-    d = mnist1d_arrays()
-    return (torch.from_numpy(d['x'])[:, None], torch.from_numpy(d['y']), torch.from_numpy(d['x_test'])[:, None], torch.from_numpy(d['y_test']))
-
-def _digits_tensors():
-    x, y, xv, yv = digits_arrays()
-    rgb = lambda t: t.expand(-1, 3, -1, -1).contiguous()          # CifarResNet's stem takes 3 channels
-    return rgb(x), y, rgb(xv), yv
-
-def train_plain(model:nn.Module, data:tuple, epochs:int, lr:float=0.05, bs:int=128, seed:int=0, wd:float=5e-4,
-                masks_fn=None) -> float:
-    "SGD(0.9) with LR ×0.1 at 50 %/75 % of `epochs` on in-memory tensors (x, y, x_test, y_test); returns test accuracy."
-    x, y, xt, yt = data; g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-    for ep in range(epochs):
-        for pg in opt.param_groups: pg['lr'] = lr * 0.1 ** ((ep >= epochs * 0.5) + (ep >= epochs * 0.75))
-        model.train(); perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), bs):
-            idx = perm[i:i + bs]
-            loss = F.cross_entropy(model(x[idx]), y[idx]); opt.zero_grad(); loss.backward(); opt.step()
-    return accuracy_of(model, xt, yt)
-
-@torch.no_grad()
-def accuracy_of(model, x, y) -> float:
-    model.eval(); return float((model(x).argmax(1) == y).float().mean())
-
-def layer_scores(model:nn.Module, groups:list, batch:tuple) -> dict:
-    "All six criteria for each (conv, bn, next) group: {criterion: {conv: scores}}."
-    convs = {c: model.get_submodule(c) for c, _, _ in groups}
-    out = {k: {c: importance(convs[c].weight, k) for c in convs} for k in ('l1', 'l2', 'fpgm', 'fermat')}
-    out['bn'] = {c: importance(convs[c].weight, 'bn', bn_weight=model.get_submodule(b).weight) for c, b, _ in groups}
-    model.eval(); out['taylor'] = taylor_importance(model, convs, *batch)   # eval: BN statistics fixed
-    return out
-
-def resnet_score_groups(model:nn.Module) -> list:
-    "(conv, bn, None) for the stem and both convs of every basic block of a `CifarResNet`: every 3×3 layer, for scoring."
-    out = [('stem.0', 'stem.1', None)]
-    for k, m in model.named_modules():
-        if hasattr(m, 'conv1') and hasattr(m, 'conv2'): out += [(f'{k}.conv1', f'{k}.bn1', None), (f'{k}.conv2', f'{k}.bn2', None)]
-    return out
-
-# %% ../../nbs/30_compression/01_prune.criteria.ipynb #b707e568
-def gaussianity(weight:Tensor, seed:int=0, max_taps:int=2000) -> dict:
-    "CWDA tests on one layer: per-coordinate Shapiro–Wilk pass rate, pooled D'Agostino K², Mardia and Henze–Zirkler on the kernels and on 3 coordinates."
-    W = filter_matrix(weight).numpy(); n, d = W.shape
-    sh = np.array([stats.shapiro(W[:, j])[1] for j in range(d)]) if n >= 3 else np.array([np.nan])
-    pooled = (W - W.mean(0)) / W.std(0).clip(1e-12)                  # coordinates standardised, then pooled
-    k = int(np.prod(weight.shape[2:])) if weight.ndim > 2 else 1      # taps per kernel: 3 (1-D k=3), 9 (3×3)
-    taps = weight.detach().double().reshape(-1, k).numpy()             # every (out, in) kernel as a k-vector
-    rng = np.random.default_rng(seed)
-    cols = rng.choice(d, size=min(3, d), replace=False)
-    if len(taps) > max_taps: taps = taps[rng.choice(len(taps), max_taps, replace=False)]   # the tests are O(n²)
-    ok = k > 1 and len(taps) > k
-    return dict(n=n, d=d, shapiro_pass=float(np.mean(sh > 0.05)), pooled_n=int(pooled.size),
-                pooled_p=float(stats.normaltest(pooled.ravel())[1]), n_taps=len(taps), k=k,
-                mardia_taps=mardia(taps) if ok else None, mardia_cols=mardia(W[:, cols]),
-                hz_taps=henze_zirkler(taps) if ok else None, hz_cols=henze_zirkler(W[:, cols]))
-
-def power_curve(ns=(100, 1000, 10_000, 100_000, 1_000_000), df:int=40, seed:int=0) -> dict:
-    "D'Agostino K² p-values on Student-t(df) samples (excess kurtosis 6/(df−4)) of growing size n."
-    rng = np.random.default_rng(seed)
-    return {int(n): float(stats.normaltest(rng.standard_t(df, size=int(n)))[1]) for n in ns}
-
-# %% ../../nbs/30_compression/01_prune.criteria.ipynb #187adbb5
-_PAIRS = [('l1', 'l2'), ('l2', 'fpgm'), ('l2', 'fermat'), ('l2', 'bn'), ('l2', 'taylor'), ('bn', 'taylor')]
-_JPAIRS = [('l1', 'l2'), ('l2', 'fpgm'), ('l2', 'fermat'), ('l2', 'bn')]
-
-def cwda_setting(kind:str, # '1d': MNIST-1D CNN; '2d': ResNet-8 on 8×8 digits (3×3 filters)
-                 seed:int=0, epochs:int|None=None, # training epochs (None: 20 for '1d', 15 for '2d')
-                 ft:int=3, # fine-tuning epochs after pruning
-                 ratios=(0.3, 0.5), # pruning ratios for the Jaccard indices; pruning + fine-tuning at the last
-                 width:int=64, # '1d': channels of every conv
-                 prune:bool=True, # run the pruning + fine-tuning experiments
-                 data:tuple|None=None, # (x, y, x_test, y_test); None: the full data set of the setting
-                ) -> dict:
-    "Train one network of the reproduction, score each layer by all criteria, compare them, prune and fine-tune."
-    if kind == '1d':
-        data = data or _mnist1d_tensors(); set_seed(seed); net = mnist1d_cnn(width=width)
-        score_groups = prune_groups = mnist1d_cnn_groups(net); epochs, bs = epochs or 20, 128
-    elif kind == '2d':
-        data = data or _digits_tensors(); set_seed(seed); net = cifar_resnet(8)
-        score_groups, prune_groups = resnet_score_groups(net), resnet_groups(net); epochs, bs = epochs or 15, 64
-    else: raise ValueError(f"kind must be '1d' or '2d', got {kind!r}")
-    init = {c: importance(net.get_submodule(c).weight, 'l2') for c, _, _ in score_groups}
-    base = train_plain(net, data, epochs, lr=0.05, bs=bs, seed=seed)
-    S = layer_scores(net, score_groups, (data[0][:512], data[1][:512]))
-    crit = list(CRITERIA); cvt = lambda s: float(s.std(unbiased=False) / s.mean()); layers = {}
-    for c, _, _ in score_groups:
-        wt = net.get_submodule(c).weight; d = wt[0].numel(); s = {k: S[k][c] for k in crit}
-        layers[c] = dict(d=d, n=len(wt), cv_init=cvt(init[c]), cv_trained=cvt(s['l2']), cv_chi=float(chi_cv(d)),
-                         spearman=np.array([[stats.spearmanr(s[a], s[b])[0] for b in crit] for a in crit]),
-                         kendall=np.array([[stats.kendalltau(s[a], s[b])[0] for b in crit] for a in crit]),
-                         jaccard={r: np.array([[jaccard(~keep_mask(s[a], r), ~keep_mask(s[b], r)) for b in crit] for a in crit]) for r in ratios})
-    accs = {}
-    if prune:
-        P = {k: {c: S[k][c] for c, _, _ in prune_groups} for k in crit}; r = ratios[-1]
-        gen = torch.Generator().manual_seed(1000 + seed)
-        P['random'] = {c: torch.rand(len(s), generator=gen) for c, s in P['l1'].items()}
-        for mode in ('layer', 'global'):
-            for k in crit + (['random'] if mode == 'layer' else []):
-                masks = global_keep_masks(P[k], r) if mode == 'global' else {c: keep_mask(s, r) for c, s in P[k].items()}
-                m2 = copy.deepcopy(net)
-                for c, b, n in prune_groups: remove_filters(m2, c, masks[c], b, n)
-                a0 = accuracy_of(m2, data[2], data[3]); set_seed(seed)
-                accs[f'{mode}/{k}'] = dict(pruned=a0, finetuned=train_plain(m2, data, ft, lr=0.01, bs=bs, seed=seed),
-                                           kept=[int(masks[c].sum()) for c, _, _ in prune_groups])
-    return dict(kind=kind, seed=seed, width=width, base_acc=base, layers=layers, acc=accs, net=net)
-
-def _ms(v) -> tuple: v = np.asarray(v, dtype=float); return float(v.mean()), float(v.std())   # mean, sd over seeds
-
-def cwda_summary(runs:list, kind:str, min_d:int=48) -> dict:
-    "Mean ± sd over the seeds (pruning runs of `kind`) of the per-run means over layers with d ≥ `min_d`."
-    rs = [r for r in runs if r['kind'] == kind and r['acc']]
-    ix = {k: i for i, k in enumerate(CRITERIA)}
-    big = lambda r: [v for v in r['layers'].values() if v['d'] >= min_d]
-    pm = lambda r, key, a, b: np.mean([v[key][ix[a], ix[b]] for v in big(r)])
-    ratios = list(rs[0]['layers'].values())[0]['jaccard']
-    return dict(n_seeds=len(rs), n_layers=len(big(rs[0])), base_acc=_ms([r['base_acc'] for r in rs]),
-        spearman={f'{a}-{b}': _ms([pm(r, 'spearman', a, b) for r in rs]) for a, b in _PAIRS},
-        kendall={f'{a}-{b}': _ms([pm(r, 'kendall', a, b) for r in rs]) for a, b in _PAIRS},
-        jaccard={q: {f'{a}-{b}': _ms([np.mean([v['jaccard'][q][ix[a], ix[b]] for v in big(r)]) for r in rs]) for a, b in _JPAIRS} for q in ratios},
-        acc={k: {t: _ms([r['acc'][k][t] for r in rs]) for t in ('pruned', 'finetuned')} for k in rs[0]['acc']},
-        kept={k: rs[0]['acc'][k]['kept'] for k in rs[0]['acc']},
-        spearman_matrix=np.mean([np.mean([v['spearman'] for v in big(r)], 0) for r in rs], 0))
-
-# %% ../../nbs/30_compression/01_prune.criteria.ipynb #34135384
-def _plot(cv_rows, summ, out:Path):
-    import matplotlib; matplotlib.use('Agg', force=False)
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 3, figsize=(15, 3.8))
-    dd = np.geomspace(2, 700, 100); ax[0].loglog(dd, chi_cv(dd), 'k-', label='χ_d (i.i.d. Gaussian) ≈ 1/√(2d)')
-    for kind, col in (('1d', 'C0'), ('2d', 'C3')):
-        for key, mk in (('init', 'o'), ('trained', 's')):
-            r = [(a['d'], a[f'cv_{key}']) for a in cv_rows if a['kind'] == kind]
-            if r: ax[0].loglog(*zip(*r), mk, color=col, mfc='none' if key == 'init' else col, ms=4, label=f'{kind} {key}')
-    ax[0].set_xlabel('filter size d'); ax[0].set_ylabel('CV of filter ℓ2 norms'); ax[0].legend(fontsize=7)
-    crit = list(CRITERIA)
-    for a, (kind, s) in zip(ax[1:], summ.items()):
-        M = s['spearman_matrix']
-        im = a.imshow(M, vmin=0, vmax=1, cmap='viridis'); a.set_xticks(range(6), crit); a.set_yticks(range(6), crit)
-        for i in range(6):
-            for j in range(6): a.text(j, i, f'{M[i, j]:.2f}', ha='center', va='center', fontsize=7, color='w' if M[i, j] < .6 else 'k')
-        a.set_title(f"{kind}: Spearman ρ, mean over layers (d ≥ 48) and {s['n_seeds']} seeds", fontsize=9)
-    plt.colorbar(im, ax=ax[2]); fig.tight_layout(); fig.savefig(out, dpi=100); plt.close(fig)
-
-@reproduction('cwda',
-    claim="Filter-pruning criteria (ℓ1, ℓ2, FPGM, Fermat, and largely BN-γ/Taylor) rank a layer's filters almost identically "
-          "(similarity) and their scores concentrate as filters grow (applicability); trained filters are Gaussian-alike (CWDA).",
-    paper_value="Rank correlations between norm-based criteria ≈ 1 in layer-wise pruning on CIFAR/ImageNet CNNs; "
-                "pruned structures and accuracies nearly identical (numbers not available: only the abstract was read)",
-    scale="1-D: MNIST-1D CNN (4 conv, BN, width 64; widths 16/32 for CV vs d), SGD 20 epochs; 2-D: ResNet-8 (3×3 convs, "
-          "16/32/64) on 8×8 digits, SGD 15 epochs; layer-wise and global 50 % pruning by 6 criteria + random, 3 fine-tune "
-          "epochs; 3 seeds each, 1 CPU thread")
-def cwda_reproduction(out_dir:Path, test:bool=False) -> Measured:
-    "Quick reproduction: train, score, correlate, test Gaussianity, prune + fine-tune — 1-D and 2-D CNNs, 3 seeds."
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    seeds, ratios = ((0,), (0.5,)) if test else ((0, 1, 2), (0.3, 0.5))
-    kw = dict(epochs=1, ft=1, width=16) if test else {}
-    with cpu_threads(1):
-        d1, d2 = _mnist1d_tensors(), _digits_tensors()
-        if test: d1, d2 = (d1[0][:1000], d1[1][:1000], d1[2], d1[3]), (d2[0][:500], d2[1][:500], d2[2], d2[3])
-        jobs = [(k, s) for k in ('1d', '2d') for s in seeds]
-        runs = [cwda_setting(k, s, ratios=ratios, data=d1 if k == '1d' else d2, **kw) for k, s in progress_bar(jobs, leave=False)]
-        if not test: runs += [cwda_setting('1d', 0, width=w, ratios=ratios, prune=False, data=d1) for w in (16, 32)]
-        tests = {f"{r['kind']}/{c}": gaussianity(r['net'].get_submodule(c).weight, max_taps=300 if test else 2000)
-                 for r in runs if r['seed'] == 0 and r['acc'] for c in r['layers']}
-        power = power_curve(ns=(100, 1000, 10_000) if test else (100, 1000, 10_000, 100_000, 1_000_000))
-    cv_rows = [dict(kind=r['kind'], layer=f"{r['kind']}/w{r['width']}/s{r['seed']}/{c}" if r['kind'] == '1d' else f"2d/s{r['seed']}/{c}",
-                    **{k: v[k] for k in ('d', 'n', 'cv_init', 'cv_trained', 'cv_chi')}) for r in runs for c, v in r['layers'].items()]
-    summ = {k: cwda_summary(runs, k) for k in ('1d', '2d')}
-    _plot(cv_rows, summ, out_dir/'cwda_criteria.png')
-    f = lambda t, p=3: f"{t[0]:.{p}f}±{t[1]:.{p}f}"
-    sim_ok = all(summ[k]['spearman'][p][0] > 0.9 for k in summ for p in ('l1-l2', 'l2-fpgm', 'l2-fermat'))
-    cv_rho = float(stats.spearmanr([r['d'] for r in cv_rows], [r['cv_trained'] for r in cv_rows])[0])
-    ratio_chi = [r['cv_trained'] / r['cv_chi'] for r in cv_rows if r['d'] > 3]
-    shap = {k: v['shapiro_pass'] for k, v in tests.items()}
-    gaussian_alike = np.mean(list(shap.values())) > 0.7
-    n_ok = sum([sim_ok, cv_rho < -0.3, gaussian_alike])
-    verdict = 'reproduced' if n_ok == 3 else 'partly' if n_ok >= 1 else 'not at this scale'
-    r0 = ratios[-1]; parts = []
-    for k, s in summ.items():
-        acc = s['acc']
-        parts.append(f"{k} ({s['n_seeds']} seeds, {s['n_layers']} layers with d≥48, base acc {100 * s['base_acc'][0]:.1f}±{100 * s['base_acc'][1]:.1f} %): Spearman "
-            + ", ".join(f"{p} {f(v)}" for p, v in s['spearman'].items()) + "; Kendall " + ", ".join(f"{p} {f(v)}" for p, v in s['kendall'].items() if p in ('l1-l2', 'l2-fpgm'))
-            + f"; Jaccard at {int(100 * r0)} % " + ", ".join(f"{p} {f(v, 2)}" for p, v in s['jaccard'][r0].items())
-            + f"; layer-wise {int(100 * r0)} % → +{kw.get('ft', 3)} ep FT acc % " + ", ".join(f"{c} {100 * acc[f'layer/{c}']['finetuned'][0]:.1f}±{100 * acc[f'layer/{c}']['finetuned'][1]:.1f}" for c in list(CRITERIA) + ['random'])
-            + "; global " + ", ".join(f"{c} {100 * acc[f'global/{c}']['finetuned'][0]:.1f}±{100 * acc[f'global/{c}']['finetuned'][1]:.1f}" for c in CRITERIA))
-    measured = (" | ".join(parts) + f" | CV(‖F‖₂) vs d: Spearman {cv_rho:+.2f}, trained/χ_d {min(ratio_chi):.1f}–{max(ratio_chi):.1f}×"
-                + "; per-coordinate Shapiro pass " + ", ".join(f"{k} {np.mean([v for n, v in shap.items() if n.startswith(k)]):.0%}" for k in summ)
-                + "; HZ on kernels p " + ", ".join(f"{v['hz_taps']['p']:.0e}" for v in tests.values() if v['hz_taps'] is not None)
-                + "; K² p on t(40) at n=1e2…: " + ", ".join(f"{v:.1g}" for v in power.values()))
-    notes = ("Only the abstract was available: the paper's numbers are not compared. Under strictly identically distributed "
-             "Gaussian filters ρ(ℓ1,ℓ2) → 0.934, not 1 (derived on the page). Mean ± sd over seeds of per-seed means over layers."
-             + (" TEST SCALE." if test else ""))
-    clean = lambda x: x.tolist() if isinstance(x, np.ndarray) else x
-    return Measured(measured, verdict, values=dict(
-        summary={k: {kk: clean(vv) for kk, vv in s.items()} for k, s in summ.items()}, cv=cv_rows, shapiro_pass=shap,
-        pooled_p={k: v['pooled_p'] for k, v in tests.items()}, power=power, cv_rho=cv_rho,
-        tests={k: {t: (None if v[t] is None else {q: float(v[t][q]) for q in ('skew_p', 'kurt_p')} if t.startswith('mardia')
-                       else {q: float(v[t][q]) for q in ('stat', 'p')}) for t in ('mardia_taps', 'mardia_cols', 'hz_taps', 'hz_cols')}
-               for k, v in tests.items()},
-        patterns=dict(similarity=sim_ok, cv_decreases=cv_rho < -0.3, gaussian_alike=bool(gaussian_alike)),
-        seeds=list(seeds)), plots=['cwda_criteria.png'], notes=notes)
-
-# %% ../../nbs/30_compression/01_prune.criteria.ipynb #85af2827
-from fastai.learner import Learner
-from fastai.metrics import accuracy
-from fastai.optimizer import OptimWrapper
-from fastai.callback.schedule import ParamScheduler
-from fastai.losses import CrossEntropyLossFlat
-from ..data import cifar10_dls
-from ..recipes import recipe
-
-# %% ../../nbs/30_compression/01_prune.criteria.ipynb #1d74e123
-def prune_schedule(lr:float, train_epochs:float, epochs:int, ft_lr:float) -> callable:
-    "lr ×0.1 at 50 %/75 % of `train_epochs`, then `ft_lr` ×0.1 halfway through the fine-tuning epochs (fastai pct → lr)."
-    def f(pct):
-        e = float(pct) * epochs
-        if e < train_epochs: return lr * 0.1 ** ((e >= 0.5 * train_epochs) + (e >= 0.75 * train_epochs))
-        return ft_lr * 0.1 ** (e >= train_epochs + 0.5 * (epochs - train_epochs))
-    return f
-
-def cwda_prune_learner(dls, depth:int=56, criterion:str='l1', ratio:float=0.4, epochs:int=200, prune_at:int=160,
-                       lr:float=0.1, ft_lr:float=0.01, wd:float=1e-4) -> Learner:
-    "Train a CIFAR ResNet, prune `ratio` of every block's conv1 filters by `criterion` at epoch `prune_at`, fine-tune to `epochs`."
-    model = cifar_resnet(depth, n_classes=len(dls.vocab))
-    cb = PruneFilters(resnet_groups(model), criterion, ratio, at_epoch=prune_at)
-    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, lr=lr, wd=wd, wd_bn_bias=True,
-                   opt_func=partial(OptimWrapper, opt=partial(torch.optim.SGD, momentum=0.9)),
-                   cbs=[cb, ParamScheduler({'lr': prune_schedule(lr, prune_at, epochs, ft_lr)})])
-
-@recipe('cwda_cifar10_resnet56_prune', paper='cwda', dataset='cifar10', epochs=200,
-        description="ResNet-56 on CIFAR-10: 160 epochs SGD (lr 0.1, ×0.1 at 80/120, wd 1e-4, batch 128), prune 40 % of each "
-                    "block's conv1 filters by ℓ1 (layer-wise) at epoch 160, fine-tune 40 epochs at lr 0.01 (×0.1 at 180) — "
-                    "schedule assumed; with --epochs N the switch is at 80 % of N")
-def cwda_cifar10_resnet56_prune(data:Path, epochs:int=200, smoke:bool=False) -> Learner:
-    "The CIFAR-10 ResNet-56 prune-and-fine-tune run; `smoke`: ResNet-20, 64 images, batch 16."
-    dls = cifar10_dls(data, bs=128, augment=True, smoke=smoke)
-    return cwda_prune_learner(dls, depth=20 if smoke else 56, epochs=epochs, prune_at=160 if epochs == 200 else max(1, int(0.8 * epochs)))

@@ -8,11 +8,9 @@ Docs: https://xwlearn.github.io/xwlearn/30_compression/prune.group_fisher.html.m
 from __future__ import annotations
 import copy, math, operator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-import matplotlib.pyplot as plt
 from torch import nn, Tensor
 import torch.nn.functional as F
 import torch.fx
@@ -21,12 +19,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.batchnorm import _BatchNorm
 
 # %% auto #0
-__all__ = ['CRITERIA', 'ChannelGroups', 'trace_groups', 'layer_flops', 'GroupFisher', 'small_resnet_dw', 'prune_model',
-           'count_flops', 'GroupFisherPruning', 'cpu_latency', 'gfp_prune_finetune', 'group_fisher_reproduction',
-           'gfp_imagenet_resnet50', 'gfp_coco_retinanet_r50']
-
-# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #1b111155
-from ..core import set_seed, set_cpu_threads, reproduction, Measured
+__all__ = ['ChannelGroups', 'trace_groups', 'layer_flops', 'GroupFisher', 'prune_model', 'count_flops', 'GroupFisherPruning']
 
 # %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #3345b0b8
 from fastcore.basics import store_attr
@@ -281,32 +274,6 @@ class GroupFisher:
         "Remove the hooks."
         for h in self.handles.values(): h.remove()
 
-# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #825278a3
-class _Res(nn.Module):
-    "conv3×3-BN-ReLU-conv3×3-BN plus a shortcut (identity, or 1×1 conv + BN when the shape changes), then ReLU."
-    def __init__(self, ci, co, stride=1):
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(ci, co, 3, stride, 1, bias=False), nn.BatchNorm2d(co)
-        self.c2, self.b2 = nn.Conv2d(co, co, 3, 1, 1, bias=False), nn.BatchNorm2d(co)
-        self.down = (nn.Sequential(nn.Conv2d(ci, co, 1, stride, bias=False), nn.BatchNorm2d(co))
-                     if stride != 1 or ci != co else nn.Identity())
-    def forward(self, x): return F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))) + self.down(x))
-
-class _InvRes(nn.Module):
-    "MobileNetV2 block: 1×1 expand-BN-ReLU6, 3×3 depth-wise-BN-ReLU6, 1×1 project-BN, plus the input."
-    def __init__(self, c, e=4):
-        super().__init__()
-        self.f = nn.Sequential(nn.Conv2d(c, c * e, 1, bias=False), nn.BatchNorm2d(c * e), nn.ReLU6(),
-                               nn.Conv2d(c * e, c * e, 3, 1, 1, groups=c * e, bias=False), nn.BatchNorm2d(c * e), nn.ReLU6(),
-                               nn.Conv2d(c * e, c, 1, bias=False), nn.BatchNorm2d(c))
-    def forward(self, x): return x + self.f(x)
-
-def small_resnet_dw(c_in:int=1, n_classes:int=10, widths=(16, 32)) -> nn.Sequential:
-    "A small residual net with coupled channels everywhere: stem, 2 residual blocks, a depth-wise inverted-residual block, head."
-    w0, w1 = widths
-    return nn.Sequential(nn.Conv2d(c_in, w0, 3, 1, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU(),
-                         _Res(w0, w0), _Res(w0, w1, 2), _InvRes(w1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w1, n_classes))
-
 # %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #67c9c35d
 def _set(model, name, new):
     *p, last = name.split('.'); parent = model.get_submodule('.'.join(p)) if p else model
@@ -401,134 +368,3 @@ class GroupFisherPruning(Callback):
         "Restore `state_dict()` (`CheckpointCallback.restore` calls it on `--resume`, before loading the model)."
         self.count, self.i0 = int(sd['count']), None if int(sd['i0']) < 0 else int(sd['i0']); self.gf.load_state_dict(sd['gf'])
     checkpoint_state, load_checkpoint_state = state_dict, load_state_dict  # the names `CheckpointCallback` saves and restores
-
-# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #b9159885
-from fastai.learner import Learner
-from fastai.metrics import accuracy
-from fastai.optimizer import SGD
-from fastai.callback.schedule import fit_one_cycle  # adds Learner.fit_one_cycle
-from fastai.callback.progress import ProgressCallback  # adds Learner.no_bar
-from fastprogress.fastprogress import progress_bar
-from ..data import digits_dls, imagenet_dls
-from ..recipes import recipe
-
-# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #e463ba36
-def cpu_latency(model:nn.Module, x:Tensor, reps:int=20) -> float:
-    "Median seconds of one forward pass of `x` (no grad, eval mode)."
-    model.eval(); ts = []
-    with torch.no_grad():
-        model(x)
-        for _ in range(reps): t0 = time.perf_counter(); model(x); ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-def _fit(learn, f, *a, **k):
-    with learn.no_bar(), learn.no_logging(): getattr(learn, f)(*a, **k)
-
-def gfp_prune_finetune(base:nn.Module, dls, criterion:str, target:float=0.5, interval:int=5, ft_epochs:int=15,
-                       prune_lr:float=0.01, ft_lr:float=0.05, seed:int=0) -> nn.Module:
-    "Prune a copy of `base` with `criterion` until FLOPs ≤ `target`×, remove the channels, fine-tune; returns the small net."
-    set_seed(seed); net = copy.deepcopy(base); gf = GroupFisher(net, dls.one_batch()[0][:2], criterion)
-    learn = Learner(dls, net, nn.CrossEntropyLoss(), opt_func=SGD, lr=prune_lr, wd=5e-4, metrics=accuracy,
-                    cbs=GroupFisherPruning(gf, interval=interval, target=target, prune_lr=prune_lr, stop=True))
-    _fit(learn, 'fit', 1000)
-    small = prune_model(gf); gf.remove()
-    learn = Learner(dls, small, nn.CrossEntropyLoss(), opt_func=SGD, wd=5e-4, metrics=accuracy)
-    if ft_epochs: _fit(learn, 'fit_one_cycle', ft_epochs, ft_lr)
-    small.gfp_acc = float(learn.validate()[1]); return small
-
-# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #02c59b4d
-import time
-CRITERIA = ('memory', 'flops', 'none', 'l1')
-
-@reproduction('group_fisher',
-    claim="At equal FLOPs (50 %), memory-normalised group Fisher pruning keeps more accuracy than unnormalised Fisher and gives "
-          "the largest speed-up (GPU); FLOPs normalisation is in between",
-    paper_value="ResNet-50 ImageNet, 50 % FLOPs: memory-norm 76.42 % / 1.79×, FLOPs-norm 76.20 % / 1.39×, unnormalised 74.93 % / 1.31× "
-                "(RTX 2080 Ti); baseline 76.79 %",
-    scale="small residual net with a depth-wise block on sklearn digits (8×8), 20 epochs pre-training, prune one group every "
-          "5 iterations to 50 % FLOPs, 10 epochs fine-tuning; 4 criteria × 3 seeds; latency on 1 CPU thread, batch 256")
-def group_fisher_reproduction(out_dir:Path, test:bool=False) -> Measured:
-    "Quick reproduction: accuracy, FLOPs and CPU latency at 50 % FLOPs for memory/FLOPs/unnormalised Fisher and ℓ1."
-    seeds, pre, ft, d, target = ([0], 1, 0, 1, 0.75) if test else ([0, 1, 2], 20, 10, 5, 0.5)
-    res = {c: [] for c in CRITERIA}; base_acc = []
-    for seed in progress_bar(seeds):
-        set_seed(seed); dls = digits_dls(bs=64, seed=seed); x_lat = dls.valid.one_batch()[0][:1].repeat(256, 1, 1, 1).cpu()
-        base = small_resnet_dw(); learn = Learner(dls, base, nn.CrossEntropyLoss(), opt_func=SGD, wd=5e-4, metrics=accuracy)
-        _fit(learn, 'fit_one_cycle', pre, 0.1); base_acc.append(float(learn.validate()[1]))
-        f0, lat0 = count_flops(base, x_lat), cpu_latency(base, x_lat)
-        for c in CRITERIA:
-            small = gfp_prune_finetune(base, dls, c, target=target, interval=d, ft_epochs=ft, seed=seed)
-            res[c].append(dict(acc=small.gfp_acc, flops=count_flops(small, x_lat) / f0, speedup=lat0 / cpu_latency(small, x_lat)))
-    ms = lambda c, k: (float(np.mean([r[k] for r in res[c]])), float(np.std([r[k] for r in res[c]]) / max(1, len(res[c]) - 1) ** .5))
-    summ = {c: {k: ms(c, k) for k in ('acc', 'flops', 'speedup')} for c in CRITERIA}
-    fig, axs = plt.subplots(1, 2, figsize=(9, 3.2))
-    for c in CRITERIA:
-        for ax, k in zip(axs, ('flops', 'speedup')):
-            ax.scatter([r[k] for r in res[c]], [100 * r['acc'] for r in res[c]], label=c)
-    axs[0].set_xlabel('FLOPs kept (fraction)'); axs[1].set_xlabel('CPU speed-up (1 thread, batch 256)')
-    for ax in axs: ax.axhline(100 * np.mean(base_acc), ls='--', c='gray'); ax.set_ylabel('valid accuracy %')
-    axs[0].legend(); plt.tight_layout(); fig.savefig(out_dir/'group_fisher.png', dpi=80); plt.close(fig)
-    noise = lambda a, b: 2 * (summ[a]['acc'][1] ** 2 + summ[b]['acc'][1] ** 2) ** .5
-    acc_ok = summ['memory']['acc'][0] >= summ['none']['acc'][0] - noise('memory', 'none')
-    speed_ok = summ['memory']['speedup'][0] >= max(summ['flops']['speedup'][0], summ['none']['speedup'][0])
-    verdict = 'reproduced' if acc_ok and speed_ok else 'partly' if acc_ok or speed_ok else 'not at this scale'
-    fmt = lambda c: f"{c}: {100 * summ[c]['acc'][0]:.1f}±{100 * summ[c]['acc'][1]:.1f} % / {summ[c]['flops'][0]:.2f} FLOPs / {summ[c]['speedup'][0]:.2f}×"
-    measured = f"base {100 * np.mean(base_acc):.1f} %; " + "; ".join(fmt(c) for c in CRITERIA) + " (acc / FLOPs kept / CPU speed-up)"
-    notes = ("Speed-up measured on a CPU with 1 thread: the paper's memory-vs-speed argument is about GPU memory traffic. "
-             "Digits is small and near-saturated, so accuracy gaps are within a few points. Comparisons: mean vs 2 standard errors."
-             + (" TEST SCALE: 1 seed, 1 epoch, d=1, 75 % FLOPs, no fine-tuning." if test else ""))
-    return Measured(measured, verdict, values=dict(summary=summ, runs=res, base_acc=base_acc), plots=['group_fisher.png'], notes=notes)
-
-# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #25a0e8d8
-@recipe('gfp_imagenet_resnet50', paper='group_fisher', dataset='imagenet', epochs=100,
-        description="Group Fisher pruning of a trained torchvision ResNet-50 on ImageNet to 50 % FLOPs: memory-normalised, "
-                    "one group every 25 iterations at LR 0.004 (batch 256), then SGD fine-tuning from LR 0.1 (cosine, "
-                    "assumed) for the rest of the epochs; physically pruned at the end")
-def gfp_imagenet_resnet50(data:Path, epochs:int=100, smoke:bool=False,
-                          weights:str|None=None, # a trained ResNet-50 state dict to start from (the paper prunes a trained net)
-                         ) -> Learner:
-    "The paper's ResNet-50 ImageNet pruning run; `smoke`: 64×64 crops, 4 images per class, batch 8, prune every iteration to 95 %."
-    import torchvision
-    size = 64 if smoke else 224
-    kw = dict(bs=8, size=size, num_workers=0, n_per_class=4, device='cpu') if smoke else dict(bs=256, size=size)
-    dls = imagenet_dls(data, **kw)
-    model = torchvision.models.resnet50(weights=None, num_classes=len(dls.vocab))
-    if weights: model.load_state_dict(torch.load(weights, map_location='cpu'))
-    gf = GroupFisher(model, torch.zeros(2, 3, size, size), 'memory')
-    cb = GroupFisherPruning(gf, interval=1 if smoke else 25, target=0.95 if smoke else 0.5, prune_lr=0.004 * kw['bs'] / 256,
-                            ft_lr=0.1 * kw['bs'] / 256, remove_at_end=True)
-    return Learner(dls, model, nn.CrossEntropyLoss(), opt_func=SGD, lr=0.004, wd=1e-4, metrics=accuracy, cbs=cb)
-
-# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #4a9ec0be
-@recipe('gfp_coco_retinanet_r50', paper='group_fisher', dataset='coco', epochs=24, smoke_epochs=2,
-        description="Group Fisher pruning of torchvision RetinaNet-R50 (backbone body + FPN lateral inputs) on COCO: memory-"
-                    "normalised, one group every 10 iterations at LR 0.002 until the backbone's FLOPs target, then 1x-style "
-                    "fine-tuning (LR 0.01 at batch 16, x0.1 at 8/12 and 11/12) for the remaining iterations; pruned at the end")
-def gfp_coco_retinanet_r50(data:Path, epochs:int=24, smoke:bool=False,
-                           weights:str|None=None, # a trained `retinanet_resnet50_fpn` state dict to start from (the paper prunes a trained detector)
-                           target:float=0.5, # FLOPs target as a fraction of the backbone's (body + FPN) FLOPs
-                           bs:int=16, # images per batch (the paper: 8 GPUs × 2)
-                          ) -> Learner:
-    "The paper's RetinaNet-R50 COCO pruning run; `smoke`: 64-px images, 4/2 images, batch 2, prune every iteration to 99.99 %."
-    from functools import partial
-    from torchvision.models.detection import retinanet_resnet50_fpn
-    from fastai.callback.training import GradientClip
-    from xwlearn.recipes import step_schedule
-    from xwlearn.detection.core import coco_dls, detection_learner
-    size, max_size = (64, 64) if smoke else (800, 1333)
-    if smoke: bs = 2
-    dls = coco_dls(data, bs=bs, size=size, max_size=max_size, num_workers=0 if smoke else 8,
-                   n_train=4 if smoke else None, n_valid=2 if smoke else None, device='cpu' if smoke else None)
-    ds = dls.train.dataset; ds = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
-    model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=max(ds.coco.cats) + 1,  # COCO ids index the logits
-                                   min_size=size, max_size=max_size)
-    if weights:
-        missing, unexpected = model.load_state_dict(torch.load(weights, map_location='cpu'), strict=False)
-        bad = [k for k in missing + unexpected if not k.endswith('num_batches_tracked')]
-        if bad: raise ValueError(f"{weights} does not fit retinanet_resnet50_fpn: {bad[:5]}")
-    ex = min(size, 256) // 32 * 32  # the grouping and the memory/FLOPs ratios do not depend on the image size
-    gf = GroupFisher(model.backbone, torch.zeros(1, 3, ex, ex), 'memory')
-    ft = step_schedule(0.01 * bs / 16, [8 / 12, 11 / 12], 1)   # over the fine-tuning fraction of the run
-    cb = GroupFisherPruning(gf, interval=1 if smoke else 10, target=0.9999 if smoke else target, prune_lr=0.002 * bs / 16,
-                            ft_lr=ft, remove_at_end=True)
-    return detection_learner(dls, model, opt_func=partial(SGD, mom=0.9), lr=0.002, wd=1e-4, cbs=[cb, GradientClip(35.)])

@@ -1,9 +1,9 @@
-"""Detection substrate (`xwlearn.detection.core`): COCO fixture round trip, layout errors, AP of the ground truth, fastai fit."""
+"""Detection substrate (`xwlearn.vision.detection`): COCO fixture round trip, layout errors, AP of the ground truth, fastai fit."""
 import json
 import pytest, torch
 from torch import nn
 from xwlearn.data import DatasetLayoutError
-from xwlearn.detection.core import (make_shapes_detection, write_coco_shapes, check_coco_layout, coco_dataset, coco_dls,
+from xwlearn.vision.detection import (make_shapes_detection, write_coco_shapes, check_coco_layout, coco_dataset, coco_dls,
                                     detection_collate, targets_to_coco, coco_evaluate, detection_learner)
 
 torch.set_num_threads(1)
