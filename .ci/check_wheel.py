@@ -29,14 +29,13 @@ def names_extra(fn, extra):
     raise AssertionError(f"expected an ImportError naming xwlearn[{extra}]")
 
 def _dist(): import xwlearn.distributed
-print("xwlearn.distributed:", names_extra(_dist, "dist"))
-from xwlearn.core import require
-for mod, extra in [("accelerate", "dist"), ("transformers", "llm"), ("pycocotools", "detection")]:
-    try: importlib.import_module(mod); print(f"note: {mod} is installed here (pulled in by a base dependency)")
-    except ImportError: print(f"{mod} missing:", names_extra(lambda: require(mod, extra=extra), extra))
-if "xwlearn.llm.core" in sys.modules or importlib.util.find_spec("xwlearn.llm.core"):
-    import xwlearn.llm.core as llm
-    print("xwlearn.llm.core imported without the llm extra")
+print("import xwlearn.distributed:", names_extra(_dist, "dist"))
+import xwlearn.llm.core as llm  # imports with torch alone; loading a model needs the llm extra
+Path("hf_model").mkdir(exist_ok=True); Path("hf_model/config.json").write_text("{}")
+print("xwlearn.llm.core.load_causal_lm:", names_extra(lambda: llm.load_causal_lm("hf_model"), "llm"))
+from xwlearn.vision.detection import coco_evaluate
+gt = dict(images=[dict(id=1, width=8, height=8)], annotations=[], categories=[dict(id=1, name="a")])
+print("xwlearn.vision.detection.coco_evaluate:", names_extra(lambda: coco_evaluate(gt, []), "detection"))
 
 r = subprocess.run([sys.executable, "-m", "xwlearn", "list"], capture_output=True, text=True)
 assert r.returncode == 0, r.stderr[-2000:]

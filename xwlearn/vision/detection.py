@@ -19,7 +19,7 @@ __all__ = ['COCO_SPLITS', 'COCO_STATS', 'make_shapes_detection', 'write_coco_sha
            'DetectionCallback', 'CocoAP', 'detection_learner']
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #1509205b
-from ..core import set_seed  # xwlearn.core first: it silences fastai's torch.jit deprecation warning
+from ..core import set_seed, require
 from ..data import DatasetLayoutError, SeededDL, SHAPE_CLASSES, shape_mask
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #23304f10
@@ -128,6 +128,7 @@ def coco_dataset(path, # COCO root (see `check_coco_layout`)
     tfms = [v2.ToImage(), f32]  # float boxes before resizing: integer json boxes would be rounded
     tfms += ([v2.Resize(size, max_size=max_size, antialias=True)] if size or max_size else [])
     tfms += ([v2.RandomHorizontalFlip()] if train else []) + [v2.SanitizeBoundingBoxes()]
+    require("pycocotools", extra="detection")  # CocoDetection reads the json with it
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while indexing
         ds = CocoDetection(str(img), str(ann), transforms=v2.Compose(tfms))
     return wrap_dataset_for_transforms_v2(ds, target_keys=('boxes', 'labels', 'image_id'))
@@ -176,8 +177,8 @@ def coco_evaluate(gt, # COCO ground-truth dict (or `pycocotools.coco.COCO`)
                   detections:list, # one dict per image: 'image_id', 'boxes' (XYXY), 'scores', 'labels'
                  ) -> dict:
     "COCO box AP/AP50/AP75/APs/APm/APl (fractions in [0,1]; nan where the ground truth has no objects of that size) with pycocotools' `COCOeval`."
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    COCO = require("pycocotools.coco", extra="detection").COCO
+    COCOeval = require("pycocotools.cocoeval", extra="detection").COCOeval
     res = [dict(image_id=int(d['image_id']), category_id=int(l), bbox=[b[0], b[1], b[2] - b[0], b[3] - b[1]], score=float(s))
            for d in detections for b, s, l in zip(d['boxes'].tolist(), d['scores'].tolist(), d['labels'].tolist())]
     if not res: return {k: 0. for k in COCO_STATS}
