@@ -55,3 +55,39 @@ def test_bench_skips_without_gpu():
     r = run("bench")
     assert r.returncode == 0
     if not torch.cuda.is_available(): assert "skipped" in r.stdout and "no CUDA GPU" in r.stdout
+
+def test_reproduce_side_by_side_then_reused_then_forced(tmp_path):
+    "Two papers in child processes (-j 2); an unchanged re-run reuses both rows in seconds; --force runs again."
+    r = run("reproduce", "mage,psbn", "-j", "2", "--test", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "started mage" in r.stdout and "started psbn" in r.stdout and (tmp_path/"logs"/"mage.log").exists()
+    claims = {c["key"]: c for c in json.loads((tmp_path/"claims.json").read_text())}
+    assert set(claims) == {"mage", "psbn"} and all(c["fingerprint"]["modules"] and not c["reused"] for c in claims.values())
+    assert "xwlearn.repro.mage" in claims["mage"]["fingerprint"]["modules"]
+    r = run("reproduce", "mage,psbn", "-j", "2", "--test", "--out", str(tmp_path))
+    assert r.returncode == 0 and r.stdout.count("reused (--force re-runs)") == 2, r.stdout
+    claims = {c["key"]: c for c in json.loads((tmp_path/"claims.json").read_text())}
+    assert all(c["reused"] for c in claims.values())
+    assert "nothing it depended on changed" in (tmp_path/"claims.md").read_text()
+    r = run("reproduce", "mage", "--force", "--test", "--out", str(tmp_path))
+    assert r.returncode == 0 and "reused" not in r.stdout.split("wrote")[0], r.stdout
+    assert not {c["key"]: c for c in json.loads((tmp_path/"claims.json").read_text())}["mage"]["reused"]
+
+def test_a_changed_module_invalidates_the_row(tmp_path):
+    from xwlearn.core import read_claims, fingerprint_matches, write_claims
+    r = run("reproduce", "mage", "--test", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    c = read_claims(tmp_path)["mage"]
+    assert fingerprint_matches(c.fingerprint, test=True, threads=1) == (True, "")
+    c.fingerprint["modules"]["xwlearn.agents.mage"] = "0" * 40   # as if the method module had been edited since
+    write_claims([c], tmp_path)
+    r = run("reproduce", "mage", "--test", "--out", str(tmp_path))
+    assert r.returncode == 0 and "reused" not in r.stdout.split("wrote")[0], r.stdout
+
+def test_timing_reproductions_run_alone():
+    from xwlearn.core import PAPERS, REPRODUCTIONS
+    for k in ("relay_attention", "biformer", "group_fisher"): PAPERS[k].load()
+    assert all(REPRODUCTIONS[k].exclusive for k in ("relay_attention", "biformer", "group_fisher"))
+    from xwlearn.cli import schedule
+    waves = schedule(["adax", "biformer", "kalman", "relay_attention", "psbn"], {"biformer", "relay_attention"}, 2)
+    assert waves == [["biformer"], ["relay_attention"], ["adax", "kalman"], ["psbn"]]

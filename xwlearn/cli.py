@@ -1,4 +1,4 @@
-"""The `xwlearn` command: `list`, `reproduce KEY|all`, `train RECIPE --data PATH`, `bench`.
+"""The `xwlearn` command: `list`, `reproduce KEY[,KEY…]|all [-j N]`, `train RECIPE --data PATH`, `bench`.
 
 Docs: https://xwlearn.github.io/xwlearn/00_core/cli.html.md"""
 
@@ -6,13 +6,13 @@ Docs: https://xwlearn.github.io/xwlearn/00_core/cli.html.md"""
 
 # %% ../nbs/00_core/04_cli.ipynb #527640a2
 from __future__ import annotations
-import argparse, sys, os, runpy, time
+import argparse, sys, os, runpy, time, subprocess
 from pathlib import Path
 
-from .core import PAPERS, REPRODUCTIONS, RECIPES, get_paper, run_reproduction, write_claims
+from .core import PAPERS, REPRODUCTIONS, RECIPES, get_paper, get_reproduction, run_reproduction, write_claims, read_claims, fingerprint_matches
 
 # %% auto #0
-__all__ = ['cmd_list', 'cmd_reproduce', 'cmd_train', 'cmd_bench', 'main']
+__all__ = ['cmd_list', 'schedule', 'cmd_reproduce', 'cmd_train', 'cmd_bench', 'main']
 
 # %% ../nbs/00_core/04_cli.ipynb #78c0335f
 def _parser() -> argparse.ArgumentParser:
@@ -20,7 +20,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("list", help="papers (with derived status), reproductions and recipes")
     r = sub.add_parser("reproduce", help="run quick reproductions and write reports/claims.md")
-    r.add_argument("key", help="a reproduction key (e.g. adax) or 'all'")
+    r.add_argument("key", help="a paper key (e.g. adax), several separated by commas, or 'all'")
+    r.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1,
+                   help="reproductions run side by side, one CPU thread each (default: the number of cores)")
+    r.add_argument("--force", action="store_true", help="re-run even when nothing a stored row depended on has changed")
     r.add_argument("--out", default="reports", help="report folder (default: reports)")
     r.add_argument("--test", action="store_true", help="run the seconds-long test scale instead (not a reproduction)")
     t = sub.add_parser("train", help="run a full recipe (data-parallel under torchrun / accelerate launch)")
@@ -48,20 +51,80 @@ def cmd_list() -> int:
     return 0
 
 # %% ../nbs/00_core/04_cli.ipynb #eb6af627
-def cmd_reproduce(key:str, out:str="reports", test:bool=False) -> int:
+def _keys(key:str) -> list:
     if key == "all":
         for p in PAPERS.values():
             if p.implemented(): p.load()
-        keys = sorted(REPRODUCTIONS)
-    else: keys = [key]
-    for i, k in enumerate(keys, 1):
-        print(f"[{i}/{len(keys)}] reproducing {k}{' (test scale)' if test else ''} ...", flush=True)
-        c = run_reproduction(k, out, test=test)
-        md = write_claims([c], out)
-        print(f"  paper: {c.paper_value}\n  measured: {c.measured}\n  scale: {c.scale}\n  verdict: {c.verdict}"
-              f" ({c.wall_s:.0f} s)", flush=True)
-    print(f"wrote {Path(out)/'claims.md'}")
-    return 0
+        return sorted(REPRODUCTIONS)
+    keys = [k.strip() for k in key.split(",") if k.strip()]
+    for k in keys: get_reproduction(k)  # unknown keys fail here, before anything runs
+    return keys
+
+def _reusable(key:str, out:str, test:bool):
+    "The stored row of `key` when nothing it depended on changed, else None; and why not."
+    old = read_claims(out).get(key)
+    if old is None: return None, "no stored row"
+    ok, why = fingerprint_matches(old.fingerprint, test=test)
+    return (old, "") if ok else (None, why)
+
+def _report(c, prefix=""):
+    print(f"{prefix}  paper: {c.paper_value}\n  measured: {c.measured}\n  scale: {c.scale}\n  verdict: {c.verdict}"
+          f" ({c.wall_s:.0f} s{'; reused, unchanged since ' + c.date if c.reused else ''})", flush=True)
+
+def schedule(keys:list, # reproductions to run
+             exclusive:set, # those that must run alone
+             jobs:int, # how many may run side by side
+            ) -> list:
+    "The order of waves: each exclusive key alone, then the others in waves of at most `jobs` (a wave is what may overlap)."
+    if jobs < 1: raise ValueError(f"jobs must be >= 1, got {jobs}")
+    rest = [k for k in keys if k not in exclusive]
+    return [[k] for k in keys if k in exclusive] + [rest[i:i + jobs] for i in range(0, len(rest), jobs)]
+
+def _run_children(keys:list, out:str, test:bool, jobs:int) -> int:
+    "Run `keys` in child processes, at most `jobs` at once, exclusive ones alone; print each result as it finishes."
+    logs = Path(out)/"logs"; logs.mkdir(parents=True, exist_ok=True)
+    excl = {k for k in keys if REPRODUCTIONS[k].exclusive}
+    order = [k for wave in schedule(keys, excl, jobs) for k in wave]
+    running, failed, done = {}, [], 0
+    env = {**os.environ, "XWLEARN_THREADS": os.environ.get("XWLEARN_THREADS", "1")}
+    while order or running:
+        while order and len(running) < jobs and not (running and (order[0] in excl or any(k in excl for k in running))):
+            k = order.pop(0)
+            f = open(logs/f"{k}.log", "w")
+            cmd = [sys.executable, "-m", "xwlearn", "reproduce", k, "--out", str(out), "--force", "-j", "1"] + (["--test"] if test else [])
+            running[k] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), f, time.time())
+            print(f"started {k}{' (alone: it measures time)' if k in excl else ''} — log: {logs/f'{k}.log'}", flush=True)
+        time.sleep(0.2)
+        for k, (p, f, t0) in list(running.items()):
+            if p.poll() is None: continue
+            f.close(); del running[k]; done += 1
+            if p.returncode == 0:
+                print(f"[{done}/{len(keys)}] {k} finished in {time.time() - t0:.0f} s", flush=True); _report(read_claims(out)[k])
+            else:
+                failed.append(k)
+                tail = (logs/f"{k}.log").read_text()[-1500:]
+                print(f"[{done}/{len(keys)}] {k} FAILED (exit {p.returncode}); end of {logs/f'{k}.log'}:\n{tail}", flush=True)
+    return 1 if failed else 0
+
+def cmd_reproduce(key:str, out:str="reports", test:bool=False, jobs:int=1, force:bool=False) -> int:
+    keys, todo = _keys(key), []
+    for k in keys:
+        old, why = (None, "--force") if force else _reusable(k, out, test)
+        if old is not None:
+            old.reused = time.strftime("%Y-%m-%d %H:%M"); write_claims([old], out)
+            print(f"{k}: nothing it depended on changed since its run of {old.date} — reused (--force re-runs)", flush=True)
+            _report(old)
+        else: todo.append(k)
+    t0 = time.time()
+    if len(todo) > 1 and jobs > 1: rc = _run_children(todo, out, test, jobs)
+    else:
+        rc = 0
+        for i, k in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] reproducing {k}{' (test scale)' if test else ''} ...", flush=True)
+            write_claims([c := run_reproduction(k, out, test=test)], out)
+            _report(c)
+    print(f"wrote {Path(out)/'claims.md'} ({len(todo)} run, {len(keys) - len(todo)} reused, {time.time() - t0:.0f} s)")
+    return rc
 
 # %% ../nbs/00_core/04_cli.ipynb #0f1fc52a
 def cmd_train(a) -> int:
@@ -99,7 +162,7 @@ def main(argv:list|None=None) -> int:
     a = _parser().parse_args(argv)
     try:
         if a.cmd == "list": return cmd_list()
-        if a.cmd == "reproduce": return cmd_reproduce(a.key, a.out, a.test)
+        if a.cmd == "reproduce": return cmd_reproduce(a.key, a.out, a.test, a.jobs, a.force)
         if a.cmd == "train": return cmd_train(a)
         if a.cmd == "bench": return cmd_bench()
     except KeyError as e:  # unknown paper / reproduction / recipe: the message lists the valid ones

@@ -6,7 +6,7 @@ Docs: https://xwlearn.github.io/xwlearn/00_core/core.html.md"""
 
 # %% ../nbs/00_core/00_core.ipynb #d09cfa2b
 from __future__ import annotations
-import os, random, time, json, math, importlib, importlib.util, contextlib, tempfile, platform, warnings
+import os, sys, random, time, json, math, hashlib, importlib, importlib.util, importlib.metadata, contextlib, tempfile, platform, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Callable
@@ -18,8 +18,9 @@ import torch
 __all__ = ['PAPERS', 'VERDICTS', 'MIN_SEEDS', 'SE_K', 'REPRODUCTIONS', 'RECIPE_KINDS', 'RECIPES', 'set_seed', 'set_cpu_threads',
            'cpu_threads', 'default_device', 'is_distributed', 'is_main_process', 'Paper', 'get_paper',
            'papers_markdown', 'mean_se', 'Check', 'better', 'equivalent', 'ordered', 'decide', 'Measured',
-           'Reproduction', 'Claim', 'reproduction', 'get_reproduction', 'run_reproduction', 'Recipe', 'recipe',
-           'get_recipe', 'cache_dir', 'atomic_write', 'atomic_write_text', 'require', 'claims_markdown', 'write_claims']
+           'Reproduction', 'Claim', 'reproduction', 'get_reproduction', 'run_reproduction', 'run_fingerprint',
+           'fingerprint_matches', 'Recipe', 'recipe', 'get_recipe', 'cache_dir', 'atomic_write', 'atomic_write_text',
+           'require', 'claims_markdown', 'read_claims', 'write_claims']
 
 # %% ../nbs/00_core/00_core.ipynb #ce0b8cc3
 def set_seed(seed:int=0, # the seed for python, numpy and torch (CPU and every CUDA device)
@@ -316,6 +317,7 @@ class Measured:
 class Reproduction:
     "A registered quick reproduction."
     key: str; paper: str; claim: str; paper_value: str; scale: str; fn: Callable
+    exclusive: bool = False  # it times things: `reproduce all -j N` runs it alone, never beside another run
 
 @dataclass
 class Claim:
@@ -324,6 +326,8 @@ class Claim:
     wall_s: float; plots: list = field(default_factory=list); values: dict = field(default_factory=dict)
     notes: str = ""; test: bool = False; host: str = ""; date: str = ""
     checks: list = field(default_factory=list)  # [str(check), ...]: the comparisons that decided the verdict
+    fingerprint: dict = field(default_factory=dict)  # what the run depended on: see `run_fingerprint`
+    reused: str = ""  # set when `xwlearn reproduce` kept this row because nothing it depended on changed (date of that check)
 
 REPRODUCTIONS: dict[str, Reproduction] = {}
 
@@ -331,11 +335,12 @@ def reproduction(paper:str, # key of the paper in `PAPERS`; also the reproductio
                  claim:str, # the paper's central claim, one sentence
                  paper_value:str, # the paper's number(s) for it, as the paper states them
                  scale:str, # what this quick run does instead (data, model, steps)
+                 exclusive:bool=False, # it measures time: run it alone, never in parallel with another reproduction
                 ):
     "Decorator registering `fn(out_dir, test=False) -> Measured` as the quick reproduction of `paper`'s claim."
     get_paper(paper)
     def deco(fn):
-        REPRODUCTIONS[paper] = Reproduction(paper, paper, claim, paper_value, scale, fn)
+        REPRODUCTIONS[paper] = Reproduction(paper, paper, claim, paper_value, scale, fn, exclusive)
         return fn
     return deco
 
@@ -365,7 +370,45 @@ def run_reproduction(key:str, # the paper key
     scale = r.scale if not test else f"TEST SCALE (seconds; not a reproduction) — quick scale: {r.scale}"
     return Claim(r.key, r.paper, r.claim, r.paper_value, m.measured, scale, m.verdict, round(wall, 2),
                  list(m.plots), dict(m.values), m.notes, test, f"{platform.machine()}, {n} CPU thread(s), torch {torch.__version__}",
-                 time.strftime("%Y-%m-%d %H:%M"), [str(c) for c in m.checks] + ([f"verdict capped at '{m.cap}'"] if m.cap else []))
+                 time.strftime("%Y-%m-%d %H:%M"), [str(c) for c in m.checks] + ([f"verdict capped at '{m.cap}'"] if m.cap else []),
+                 run_fingerprint(test=test, threads=n))
+
+# %% ../nbs/00_core/00_core.ipynb #5be5c401
+_VERSIONED = ("torch", "numpy", "scipy", "scikit-learn", "fastai", "fastcore", "timm", "mnist1d", "transformers",
+              "sentence-transformers", "pycocotools", "triton")
+
+def _file_sha1(path) -> str: return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "machine": platform.machine()}
+    for d in _VERSIONED:
+        try: out[d] = importlib.metadata.version(d)
+        except importlib.metadata.PackageNotFoundError: out[d] = None
+    return out
+
+def run_fingerprint(test:bool=False, threads:int|None=None) -> dict:
+    "What a finished run depended on: SHA-1 of every imported xwlearn module's file, library versions, scale, threads."
+    mods = {name: _file_sha1(f) for name, m in list(sys.modules.items())
+            if (name == "xwlearn" or name.startswith("xwlearn.")) and (f := getattr(m, "__file__", None)) and Path(f).exists()}
+    return dict(modules=dict(sorted(mods.items())), versions=_versions(), test=bool(test), threads=threads)
+
+def fingerprint_matches(fp:dict, # a stored `Claim.fingerprint`
+                        test:bool=False, threads:int|None=None, # the run about to happen: scale, threads (None: as `set_cpu_threads`)
+                       ) -> tuple[bool, str]:
+    "(True, '') when nothing `fp` depended on has changed; else (False, the first difference found)."
+    if not fp or not fp.get("modules"): return False, "no fingerprint stored"
+    threads = _env_threads() if threads is None else threads
+    if fp.get("test") != bool(test): return False, "different scale (test vs quick)"
+    if fp.get("threads") != threads: return False, f"different threads ({fp.get('threads')} vs {threads})"
+    now = _versions()
+    for k, v in fp.get("versions", {}).items():
+        if now.get(k) != v: return False, f"{k} {v} -> {now.get(k)}"
+    for name, sha in fp["modules"].items():
+        spec = importlib.util.find_spec(name) if _found(name) else None
+        f = getattr(spec, "origin", None) if spec else None
+        if not f or not Path(f).exists(): return False, f"{name} is gone"
+        if _file_sha1(f) != sha: return False, f"{name} changed"
+    return True, ""
 
 # %% ../nbs/00_core/00_core.ipynb #70dadb0b
 @dataclass
@@ -451,7 +494,8 @@ def claims_markdown(claims:list[Claim]) -> str:
                     f"{_cell(c.measured)} {plots} | {_cell(c.scale)} | **{c.verdict}** | {c.wall_s:.0f} s |")
     notes = []
     for c in sorted(claims, key=lambda c: c.key):
-        notes.append(f"- **{c.key}** (run {c.date} on {c.host}): {_cell(c.notes) or '—'}")
+        reused = f"; reused {c.reused}: nothing it depended on changed" if c.reused else ""
+        notes.append(f"- **{c.key}** (run {c.date} on {c.host}{reused}): {_cell(c.notes) or '—'}")
         notes += [f"  - {_cell(k)}" for k in c.checks]
     head = ("# Paper claims vs measured\n\nGenerated by `xwlearn reproduce`. Each row is one quick reproduction at the "
             "stated scale — CPU minutes, not the paper's setting; the full recipes (`xwlearn train`) are the paper's. "
@@ -459,11 +503,33 @@ def claims_markdown(claims:list[Claim]) -> str:
             "some hold → partly; none → not at this scale.\n\n")
     return head + "\n".join(rows) + ("\n\n## Notes and deciding checks\n" + "\n".join(notes) if notes else "") + "\n"
 
+@contextlib.contextmanager
+def _locked(path:Path):
+    "An exclusive advisory lock on `path` (POSIX `flock`), held for the block; other writers wait."
+    import fcntl
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+def read_claims(out_dir:str|Path="reports") -> dict:
+    "The rows of `out_dir/claims.json` by key; an unreadable file (corrupt, older schema) is set aside with a warning."
+    js = Path(out_dir)/"claims.json"
+    if not js.exists(): return {}
+    try: return {d["key"]: Claim(**d) for d in json.loads(js.read_text())}
+    except (ValueError, TypeError, KeyError) as e:
+        bad = js.with_name(f"claims.json.unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        os.replace(js, bad)
+        warnings.warn(f"{js} could not be read ({type(e).__name__}: {e}); moved it to {bad.name} and started a new report")
+        return {}
+
 def write_claims(claims:list[Claim], out_dir:str|Path="reports") -> Path:
-    "Merge `claims` into `out_dir/claims.json` and rewrite `out_dir/claims.md`; return the markdown path."
+    "Merge `claims` into `out_dir/claims.json` (under a lock) and rewrite `out_dir/claims.md`; return the markdown path."
     out_dir = Path(out_dir); js = out_dir/"claims.json"
-    old = {d["key"]: Claim(**d) for d in json.loads(js.read_text())} if js.exists() else {}
-    old.update({c.key: c for c in claims})
-    atomic_write_text(js, json.dumps([asdict(c) for c in old.values()], indent=1))
-    atomic_write_text(out_dir/"claims.md", claims_markdown(list(old.values())))
+    with _locked(out_dir/"claims.json.lock"):
+        old = read_claims(out_dir)
+        old.update({c.key: c for c in claims})
+        atomic_write_text(js, json.dumps([asdict(c) for c in old.values()], indent=1))
+        atomic_write_text(out_dir/"claims.md", claims_markdown(list(old.values())))
     return out_dir/"claims.md"

@@ -118,7 +118,8 @@ def _plot_cost(cost:dict, sizes:list):
                 "BRA cost O((HW)^{4/3}) with S chosen optimally",
     scale="procedural long-range match task (8×8 tokens, 4×4 regions, 4 classes); one 2-block BiFormer stage, width 32, ≈28 k "
           "parameters, window vs BRA k=2, k=4 vs full attention, 600 steps of batch 64, 1 seed; cost of one attention "
-          "layer (C=64, S=7, k=4) on 14²–56² maps, 1 CPU thread")
+          "layer (C=64, S=7, k=4) on 14²–56² maps, 1 CPU thread",
+    exclusive=True)  # it measures time: `reproduce all -j N` runs it alone
 def biformer_reproduction(out_dir:Path, test:bool=False) -> Measured:
     out_dir = Path(out_dir)
     steps, ev, bs, sizes = (12, 6, 32, [14, 28]) if test else (600, 50, 64, [14, 28, 56])

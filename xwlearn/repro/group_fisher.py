@@ -101,7 +101,8 @@ def _plot(res, base_acc):
     paper_value="ResNet-50 ImageNet, 50 % FLOPs: memory-norm 76.42 % / 1.79×, FLOPs-norm 76.20 % / 1.39×, unnormalised 74.93 % / 1.31× "
                 "(RTX 2080 Ti); baseline 76.79 %",
     scale="small residual net with a depth-wise block on sklearn digits (8×8), 20 epochs pre-training, prune one group every "
-          "5 iterations to 50 % FLOPs, 10 epochs fine-tuning; 4 criteria × 3 seeds; latency on 1 CPU thread, batch 256")
+          "5 iterations to 50 % FLOPs, 10 epochs fine-tuning; 4 criteria × 3 seeds; latency on 1 CPU thread, batch 256",
+    exclusive=True)  # it measures time: `reproduce all -j N` runs it alone
 def group_fisher_reproduction(out_dir:Path, test:bool=False) -> Measured:
     "Quick reproduction: accuracy, FLOPs and CPU latency at 50 % FLOPs for memory/FLOPs/unnormalised Fisher and ℓ1."
     seeds, pre, ft, d, target, reps = ([0], 1, 0, 1, 0.9, 3) if test else ([0, 1, 2], 20, 10, 5, 0.5, 20)

@@ -115,7 +115,8 @@ def _plot_relay(ops:list, dec:list, out_dir:Path, name:str) -> str:
     scale="CPU, 1 thread, float32. Operator: one decode attention step with SmolLM2's heads (9 query / 3 KV, D = 64), "
           "L_req = 128, B ∈ {1, 4, 16, 64} × L_sys ∈ {256, 1024, 4096}, SDPA over materialised KV vs relay. Model: "
           "SmolLM2-135M-Instruct (GGUF → fp32), 4 chat requests × 16 greedy tokens relay-batched vs stock one by one; "
-          "decode step of the whole model for B ∈ {1, 4, 16} × L_sys ∈ {256, 1024}, L_req = 16, relay vs concatenated KV.")
+          "decode step of the whole model for B ∈ {1, 4, 16} × L_sys ∈ {256, 1024}, L_req = 16, relay vs concatenated KV.",
+    exclusive=True)  # it measures time: `reproduce all -j N` runs it alone
 def relay_reproduction(out_dir:Path, test:bool=False) -> Measured:
     "Exactness (operator, real model) and attention-step / decode-step speedups vs batch size and system-prompt length."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
