@@ -61,6 +61,8 @@ def test_reproduce_side_by_side_then_reused_then_forced(tmp_path):
     r = run("reproduce", "mage,psbn", "-j", "2", "--test", "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "started mage" in r.stdout and "started psbn" in r.stdout and (tmp_path/"logs"/"mage.log").exists()
+    html = (tmp_path/"claims.html").read_text()  # the page to look at, figures inline
+    assert html.count('class="card') >= 2 and "data:image/png;base64," in html, html[:500]
     claims = {c["key"]: c for c in json.loads((tmp_path/"claims.json").read_text())}
     assert set(claims) == {"mage", "psbn"} and all(c["fingerprint"]["modules"] and not c["reused"] for c in claims.values())
     assert "xwlearn.repro.mage" in claims["mage"]["fingerprint"]["modules"]

@@ -19,7 +19,7 @@ LIB = ROOT/"xwlearn"
 CORE = {"xwlearn.core"}
 SUBSTRATE = {"xwlearn.data", "xwlearn.nets", "xwlearn.distributed", "xwlearn.recipes", "xwlearn.repro.kit",
              "xwlearn.vision.detection", "xwlearn.llm.core"}
-TOP = {"xwlearn.cli", "xwlearn.__main__", "xwlearn.docs"}
+TOP = {"xwlearn.cli", "xwlearn.__main__", "xwlearn.docs", "xwlearn.report"}
 META = {"xwlearn", "xwlearn._modidx"}           # the package itself (version, docstring) and nbdev's symbol index
 REGISTRIES = {"xwlearn.models": "xwlearn.models."}  # timm-style: `import xwlearn.models` registers every backbone
 # substrate pieces a method module may NOT import (training loop, reproduction kit, accelerate-only code)

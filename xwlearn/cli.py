@@ -10,6 +10,7 @@ import argparse, sys, os, runpy, time, subprocess
 from pathlib import Path
 
 from .core import PAPERS, REPRODUCTIONS, RECIPES, get_paper, get_reproduction, run_reproduction, write_claims, read_claims, fingerprint_matches
+from .report import write_claims_page
 
 # %% auto #0
 __all__ = ['cmd_list', 'schedule', 'cmd_reproduce', 'cmd_train', 'cmd_bench', 'main']
@@ -122,8 +123,11 @@ def cmd_reproduce(key:str, out:str="reports", test:bool=False, jobs:int=1, force
         for i, k in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] reproducing {k}{' (test scale)' if test else ''} ...", flush=True)
             write_claims([c := run_reproduction(k, out, test=test)], out)
+            write_claims_page(out)
             _report(c)
-    print(f"wrote {Path(out)/'claims.md'} ({len(todo)} run, {len(keys) - len(todo)} reused, {time.time() - t0:.0f} s)")
+    write_claims_page(out)  # once more at the end: children finishing together each rendered the page they saw
+    print(f"wrote {Path(out)/'claims.md'} and {Path(out)/'claims.html'} ({len(todo)} run, {len(keys) - len(todo)} reused, "
+          f"{time.time() - t0:.0f} s)")
     return rc
 
 # %% ../nbs/00_core/04_cli.ipynb #0f1fc52a
