@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse, sys, os, runpy, time, subprocess
 from pathlib import Path
 
-from .core import PAPERS, REPRODUCTIONS, RECIPES, get_paper, get_reproduction, run_reproduction, write_claims, read_claims, fingerprint_matches
+from .core import PAPERS, REPRODUCTIONS, RECIPES, get_reproduction, run_reproduction, write_claims, read_claims, fingerprint_matches
 from .report import write_claims_page
 
 # %% auto #0

@@ -6,12 +6,12 @@ Docs: https://xwlearn.github.io/xwlearn/00_core/recipes.html.md"""
 
 # %% ../nbs/00_core/03_recipes.ipynb #83187b3c
 from __future__ import annotations
-import os, random, time, json
+import os, random, json
 from pathlib import Path
 
 import numpy as np
 import torch
-from .core import set_seed, set_cpu_threads, get_paper, PAPERS, Recipe, RECIPES, recipe, get_recipe, is_distributed, is_main_process, atomic_write, atomic_write_text
+from .core import set_seed, set_cpu_threads, Recipe, recipe, get_recipe, is_distributed, is_main_process, atomic_write, atomic_write_text
 from fastai.learner import Learner
 from fastai.callback.core import Callback, CancelEpochException
 from fastcore.basics import noop

@@ -10,9 +10,8 @@ import math
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
-from ..core import mean_se, RECIPES, get_recipe
+from ..core import mean_se, get_recipe
 from ..recipes import train
 from fastai.learner import Learner
 from fastai.metrics import accuracy

@@ -19,7 +19,7 @@ __all__ = ['COCO_SPLITS', 'COCO_STATS', 'make_shapes_detection', 'write_coco_sha
            'DetectionCallback', 'CocoAP', 'detection_learner']
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #1509205b
-from ..core import set_seed, require
+from ..core import require
 from ..data import DatasetLayoutError, SeededDL, SHAPE_CLASSES, shape_mask
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #23304f10
