@@ -3,7 +3,7 @@
 The references below are written from the official code (switchablenorms/AdaX, `AdaX.py`) in float64 with the naive,
 growing state v_t — deliberately not sharing any helper with the module under test.
 """
-import copy, io, math, re
+import copy, io, math, re, warnings
 from decimal import Decimal, getcontext
 from functools import partial
 
@@ -18,8 +18,8 @@ from xwlearn.optim.adax import AdaX, AdaXW, AdaXOpt, adax_beta2_hat, adax_eps_ha
 torch.set_num_threads(1)
 
 
-def official(theta, grads, lr, beta1, beta2, eps, wd, decoupled):
-    "The official AdaX (L2) / AdaX-W (decoupled) update, float64, naive state v_t."
+def official(theta, grads, lr, beta1, beta2, eps, wd, decoupled, return_state=False):
+    "The official AdaX (L2) / AdaX-W (decoupled) update, float64, naive state v_t (`return_state`: also the final m, v)."
     theta = theta.double(); m = torch.zeros_like(theta); v = torch.zeros_like(theta); out = []
     for t, g in enumerate(grads, 1):
         g = g.double()
@@ -30,7 +30,7 @@ def official(theta, grads, lr, beta1, beta2, eps, wd, decoupled):
         if wd and decoupled: theta = theta * (1 - lr * wd)
         theta = theta - step_size * m / (v.sqrt() + eps)
         out.append(theta)
-    return out
+    return (out, m, v) if return_state else out
 
 
 def run(opt_fn, thetas, grads, dtype=torch.float64):
@@ -46,6 +46,7 @@ def run(opt_fn, thetas, grads, dtype=torch.float64):
 shapes = st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple), min_size=1, max_size=3)
 
 
+@pytest.mark.filterwarnings("ignore::xwlearn.optim.adax.AdaXBeta2Warning")   # β₂ up to 0.5 on purpose
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shapes=shapes, lr=st.floats(1e-4, 0.1), beta1=st.floats(0.0, 0.99), beta2=st.floats(1e-6, 0.5),
        wd=st.sampled_from([0.0, 5e-4, 5e-2, 0.3]), decoupled=st.booleans(), steps=st.integers(1, 20),
@@ -153,7 +154,9 @@ def test_overflow_safe_after_state_jump(t0, foreach):
 @pytest.mark.parametrize("kw,name", [
     (dict(lr=-1e-3), "lr"), (dict(betas=(-0.1, 1e-4)), "betas[0]"), (dict(betas=(1.0, 1e-4)), "betas[0]"),
     (dict(betas=(0.9, -1e-4)), "betas[1]"), (dict(betas=(0.9, 0.0)), "betas[1]"), (dict(betas=(0.9, 1.0)), "betas[1]"),
-    (dict(eps=-1e-12), "eps"), (dict(weight_decay=-5e-2), "weight_decay")])
+    (dict(eps=-1e-12), "eps"), (dict(weight_decay=-5e-2), "weight_decay"),
+    (dict(lr=torch.tensor(-1e-3)), "lr"), (dict(lr=math.inf), "lr"), (dict(lr=torch.tensor(math.inf)), "lr"),
+    (dict(lr=torch.tensor([1e-3, 1e-3])), "lr"), (dict(eps=math.inf), "eps"), (dict(weight_decay=math.inf), "weight_decay")])
 @pytest.mark.parametrize("cls", [AdaX, AdaXW])
 def test_invalid_hyperparameters(cls, kw, name):
     ps = [nn.Parameter(torch.zeros(3))]
@@ -164,6 +167,35 @@ def test_invalid_hyperparameters(cls, kw, name):
 def test_fastai_invalid_hyperparameters():
     with pytest.raises(ValueError, match="wd"): AdaXOpt([nn.Parameter(torch.zeros(1))], wd=-1.0)
     with pytest.raises(ValueError, match="sqr_mom"): AdaXOpt([nn.Parameter(torch.zeros(1))], sqr_mom=0.0)
+    with pytest.raises(ValueError, match="lr"): AdaXOpt([nn.Parameter(torch.zeros(1))], lr=math.inf)
+    with pytest.raises(ValueError, match="eps"): AdaXOpt([nn.Parameter(torch.zeros(1))], eps=math.inf)
+
+
+def test_adam_style_beta2_warns():
+    from xwlearn.optim.adax import AdaXBeta2Warning
+    ps = [nn.Parameter(torch.zeros(2))]
+    for make, name in [(lambda: AdaX(ps, betas=(0.9, 0.999)), "betas[1]"), (lambda: AdaXW([dict(params=ps, betas=(0.9, 0.999))]), "betas[1]"),
+                       (lambda: AdaXOpt(ps, sqr_mom=0.99), "sqr_mom[1]")]:
+        with pytest.warns(AdaXBeta2Warning) as rec: make()
+        assert len(rec) == 1 and name in str(rec[0].message) and "1e-4" in str(rec[0].message), [str(r.message) for r in rec]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # the official defaults and small β₂ are silent
+        AdaX(ps); AdaXW(ps, betas=(0.9, 1e-3)); AdaXOpt(ps)
+        warnings.simplefilter("ignore", AdaXBeta2Warning); AdaX(ps, betas=(0.9, 0.5))   # a sweep silences it
+
+
+@pytest.mark.parametrize("make", [lambda ps: AdaX(ps), lambda ps: AdaXW([dict(params=ps)]), lambda ps: AdaXOpt(ps),
+                                  lambda ps: AdaXOpt([ps])])
+def test_complex_parameters_refused(make):
+    ps = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3, dtype=torch.complex64))]
+    with pytest.raises(TypeError, match=r"params.*\[1\] is complex \(torch.complex64"): make(ps)
+
+
+def test_generator_params_still_accepted():
+    m = nn.Linear(3, 2)
+    assert len(AdaX(m.parameters()).param_groups[0]['params']) == 2
+    assert len(AdaX([dict(params=m.parameters())]).param_groups[0]['params']) == 2
+    assert len(AdaXOpt(m.parameters()).param_lists[0]) == 2
 
 
 def _train(model, opt, x, y, n):
@@ -182,8 +214,10 @@ def test_state_dict_round_trip(cls):
     ck = torch.load(buf, weights_only=True)
     model2 = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)); model2.load_state_dict(ck['model'])
     opt2 = cls([dict(params=model2[0].parameters(), lr=1e-2), dict(params=model2[2].parameters())])
+    assert all(s['format'] == 'xwlearn-adax-vhat' for s in ck['opt']['state'].values())   # the tag survives weights_only
     opt2.load_state_dict(ck['opt'])
     assert opt2.param_groups[0]['lr'] == 1e-2 and opt2.state[next(model2.parameters())]['step'].item() == 5
+    assert all(s['format'] == 'xwlearn-adax-vhat' for s in opt2.state.values())
     _train(model, opt, x, y, 5); _train(model2, opt2, x, y, 5)
     for p, q in zip(model.parameters(), model2.parameters()): torch.testing.assert_close(p, q, rtol=0, atol=0)
 
@@ -227,3 +261,64 @@ def test_registered():
     assert REPRODUCTIONS['adax'].paper == 'adax'
     assert {'adax_cifar10_resnet20', 'adax_imagenet_resnet18'} <= set(RECIPES)
     assert sum(p.numel() for p in resnet20().parameters()) == 269_722
+
+
+def _official_state_dict(m, v, step, lr, betas, wd):
+    "What the official AdaX.py's `state_dict()` holds: int step, the growing v, four-key param_groups; via torch.save."
+    sd = {'state': {0: {'step': step, 'exp_avg': m.clone(), 'exp_avg_sq': v.clone()}},
+          'param_groups': [dict(lr=lr, betas=betas, eps=1e-12, weight_decay=wd, params=[0])]}
+    buf = io.BytesIO(); torch.save(sd, buf); buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("cls,decoupled,wd", [(AdaXW, True, 5e-2), (AdaX, False, 5e-4)])
+@pytest.mark.parametrize("n", [1, 9])
+def test_resume_from_official_state(cls, decoupled, wd, n):
+    "The official state (v_t) converts to v̂_t: resuming continues the official float64 reference exactly."
+    torch.manual_seed(7)
+    lr, b1, b2 = 5e-3, 0.9, 1e-4
+    th0 = torch.randn(4, 3, dtype=torch.float64)
+    grads = [torch.randn(4, 3, dtype=torch.float64) * (10 if i % 5 == 0 else 1) for i in range(n + 4)]
+    ref = official(th0, grads, lr, b1, b2, 1e-12, wd, decoupled)
+    _, m, v = official(th0, grads[:n], lr, b1, b2, 1e-12, wd, decoupled, return_state=True)
+    sd = _official_state_dict(m, v, n, lr, (b1, b2), wd)
+    p = nn.Parameter(ref[n - 1].clone()); opt = cls([p], lr=1e-3, weight_decay=0.1)   # options from the state, except wd type
+    opt.load_state_dict(sd)
+    assert torch.equal(sd['state'][0]['exp_avg_sq'], v)                  # the caller's dict is not modified
+    s, g = opt.state[p], opt.param_groups[0]
+    assert s['format'] == 'xwlearn-adax-vhat' and s['step'].item() == n and torch.is_tensor(s['step'])
+    assert (g['lr'], g['weight_decay'], g['decoupled_weight_decay']) == (lr, wd, decoupled)
+    torch.testing.assert_close(s['exp_avg_sq'], v / ((1 + b2) ** n - 1), rtol=1e-12, atol=0)
+    for k in range(n, len(grads)):
+        p.grad = grads[k].clone(); opt.step()
+        torch.testing.assert_close(p.detach(), ref[k], rtol=1e-10, atol=1e-12)
+
+
+def test_adam_state_refused():
+    torch.manual_seed(8)
+    q = nn.Parameter(torch.randn(5)); adam = torch.optim.Adam([q]); q.grad = torch.randn(5); adam.step()
+    for sd in (adam.state_dict(), torch.optim.AdamW([q]).state_dict() | {'state': adam.state_dict()['state']}):
+        with pytest.raises(ValueError, match=r"betas'\]\[1\] = 0.999.*Adam state"): AdaXW([q]).load_state_dict(sd)
+    sd = adam.state_dict(); sd['param_groups'][0]['betas'] = (0.9, 1e-4)      # Adam's amsgrad option still gives it away
+    with pytest.raises(ValueError, match="Adam state"): AdaX([q]).load_state_dict(sd)
+    sgd = torch.optim.SGD([q], lr=0.1, momentum=0.9); sgd.step()
+    with pytest.raises(ValueError, match="not an AdaX state"): AdaX([q]).load_state_dict(sgd.state_dict())
+    ours = AdaXW([q]); ours.step(); sd = ours.state_dict(); sd['state'][0]['format'] = 'something-else'
+    with pytest.raises(ValueError, match="'something-else'"): AdaXW([q]).load_state_dict(sd)
+    # fastai: Adam's stepper state (sqr_mom 0.99) is refused by AdaXOpt; an AdaXOpt state loads
+    from fastai.optimizer import Adam as FastaiAdam
+    fa = FastaiAdam([q], lr=1e-3); fa.step()
+    with pytest.raises(ValueError, match=r"sqr_mom'\] = 0.99.*not an AdaX state"): AdaXOpt([q]).load_state_dict(fa.state_dict())
+    ax = AdaXOpt([q]); ax.step(); assert ax.state[q]['format'] == 'xwlearn-adax-vhat'
+    ax2 = AdaXOpt([q]); ax2.load_state_dict(copy.deepcopy(ax.state_dict())); assert ax2.state[q]['format'] == 'xwlearn-adax-vhat'
+
+
+def test_untagged_xwlearn_state_still_loads():
+    "A state saved by this class before the format tag (our param_groups, no tag) is v̂ already: loaded as is."
+    torch.manual_seed(9)
+    a = nn.Parameter(torch.randn(4)); opt = AdaXW([a])
+    for _ in range(3): a.grad = torch.randn(4); opt.step()
+    sd = copy.deepcopy(opt.state_dict()); del sd['state'][0]['format']
+    b = nn.Parameter(a.detach().clone()); opt2 = AdaXW([b]); opt2.load_state_dict(sd)
+    g = torch.randn(4); a.grad, b.grad = g.clone(), g.clone(); opt.step(); opt2.step()
+    assert torch.equal(a, b) and opt2.state[b]['format'] == 'xwlearn-adax-vhat'

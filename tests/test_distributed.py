@@ -43,7 +43,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     _check_audits(aud, 64, 32, 2)
-    assert sorted(os.listdir(run)) == ["last.pth", "model.pth"]
+    assert sorted(os.listdir(run)) == [".lock", "last.pth", "model.pth", "run.json"]
     ck = torch.load(run/"last.pth", weights_only=True)
     assert ck["epoch"] == 1 and len(ck["history"]) == 2
 
@@ -60,32 +60,41 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     _check_audits(aud, 64, 32, 2)
 
 def test_kill_and_resume(tmp_path):
-    data = _fixture(tmp_path/"cifar", 1024)
-    run = tmp_path/"run"
-    cmd = [PY, "-m", "xwlearn", "train", "smoke_cifar10", "--data", str(data), "--smoke", "--epochs", "6",
-           "--out", str(run), "--quiet"]
-    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    "SIGKILL mid-run, then --resume: the run ends with bitwise the weights of an uninterrupted run (augmentation, dropout, 2 loader workers)."
+    data = _fixture(tmp_path/"cifar", 8192)
+    run, straight = tmp_path/"run", tmp_path/"straight"
+    cmd = [PY, "-m", "xwlearn", "train", "smoke_cifar10", "--data", str(data), "--epochs", "6", "--quiet"]
+    p = subprocess.Popen(cmd + ["--out", str(run)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, done = time.time() + 240, -1
     while time.time() < deadline and p.poll() is None:
         if (run/"last.pth").exists():
             try: done = torch.load(run/"last.pth", weights_only=True)["epoch"]
             except Exception as e: pytest.fail(f"last.pth unreadable while training: {e}")  # atomic writes: never
             if done >= 1: break
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert p.poll() is None, "the run finished before it could be killed: make the fixture larger"
     p.send_signal(signal.SIGKILL); p.wait()
     killed_at = torch.load(run/"last.pth", weights_only=True)["epoch"]
     assert 1 <= killed_at < 5
     assert not (run/"model.pth").exists()
-    r = subprocess.run(cmd + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd + ["--out", str(run)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "already holds an unfinished run" in r.stderr and "--resume" in r.stderr, r.stderr
+    r = subprocess.run(cmd + ["--out", str(run), "--resume"], env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"resuming from {run/'last.pth'} at epoch {killed_at + 1}/6" in r.stdout, r.stdout
     ck = torch.load(run/"last.pth", weights_only=True)
     assert ck["epoch"] == 5 and len(ck["history"]) == 6, (ck["epoch"], ck["history"])
-    assert (run/"model.pth").exists()
-    # resuming a finished run does nothing and says so
-    r2 = subprocess.run(cmd + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd + ["--out", str(straight)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = (torch.load(d/"model.pth", weights_only=True) for d in (run, straight))
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert diff == 0, f"resumed and uninterrupted runs differ: max |dW| = {diff}"
+    # resuming a finished run does nothing and says so; a plain re-run is refused and the weights stay
+    r2 = subprocess.run(cmd + ["--out", str(run), "--resume"], env=ENV, capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0 and "already done" in r2.stdout
+    r3 = subprocess.run(cmd + ["--out", str(run)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r3.returncode == 2 and "already holds a finished run" in r3.stderr, r3.stderr
+    assert all(torch.equal(v, a[k]) for k, v in torch.load(run/"model.pth", weights_only=True).items())
 
 def test_wrong_data_path_is_a_clear_error(tmp_path):
     r = subprocess.run([PY, "-m", "xwlearn", "train", "smoke_cifar10", "--data", str(tmp_path/"nowhere"), "--smoke"],

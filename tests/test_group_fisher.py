@@ -131,3 +131,112 @@ def test_resume_mid_pruning(tmp_path, monkeypatch):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), k
     pm = torch.load(tmp_path/'run'/'model.pth', weights_only=True)                         # model.pth is the pruned net
     assert {k: tuple(v.shape) for k, v in pm.items()} == shapes(full.model)
+
+
+# --- ops over the channel dimension that the grouping does not understand ------------------------
+import pickle, warnings
+from fastai.callback.progress import ProgressCallback  # adds Learner.no_bar
+import torch.nn as nn
+
+
+class _ChanOp(nn.Module):
+    """Conv `a` (8 channels at 8×8) read whole by conv `b` and by an op over the channel dimension (`topk`, `max`/`min`, `sort`,
+    or `mean(1)`, whose (N, 8, 8) result looks like 8 channels to the Conv1d `c`)."""
+    def __init__(self, op):
+        super().__init__(); self.op = op
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv1d(8, 2, 1)
+        self.head = nn.Linear(8 + 2, 4)
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        if self.op == 'topk': t = y.topk(2, dim=1).values
+        elif self.op == 'max': t = torch.cat([y.max(1, keepdim=True)[0], y.min(1, keepdim=True)[0]], 1)
+        elif self.op == 'sort': t = y.sort(1)[0][:, :2]
+        elif self.op == 'mean': t = self.c(y.mean(1))
+        return self.head(torch.cat([F.relu(self.b(y)).mean((2, 3)), t.flatten(2).mean(2)], 1))
+
+
+class _Chunk(nn.Module):
+    "Conv `a`'s output is split in two along channels (pieces to convs `b`, `c`) and also read whole by conv `d`."
+    def __init__(self, how):
+        super().__init__(); self.how = how
+        self.a, self.b, self.c, self.d = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(4, 2)
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        p, q = y.chunk(2, dim=1) if self.how == 'chunk' else torch.split(y, 4, 1)
+        return self.head(F.adaptive_avg_pool2d(self.b(p) + self.c(q) + self.d(y), 1).flatten(1))
+
+
+@pytest.mark.parametrize('net,op', [(_ChanOp('topk'), 'topk'), (_ChanOp('max'), 'max'), (_ChanOp('sort'), 'sort'),
+                                    (_ChanOp('mean'), 'mean'), (_Chunk('chunk'), 'chunk'), (_Chunk('split'), 'split')])
+def test_channel_ops_keep_their_inputs(net, op):
+    "An op over channels that the tracer does not understand keeps the channels it reads (with a warning naming op, node and layer)."
+    torch.manual_seed(0); net.eval(); x = torch.randn(4, 3, 8, 8)
+    with pytest.warns(UserWarning, match=rf"(?s){op}.*node.*'a'"): gf = GroupFisher(net, x)
+    assert (gf.groups.producers['a'] < 0).all() and (gf.groups.consumers['d' if op in ('chunk', 'split') else 'b'] < 0).all()
+    for i in range(len(gf.groups)):
+        if gf.prunable()[i]: gf.prune_group(i)
+    with torch.no_grad(): y0 = net(x); y1 = prune_model(gf)(x)
+    assert torch.allclose(y0, y1, atol=1e-5)                             # the pruned network computes what the masked one does
+
+
+def test_supported_nets_trace_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        trace_groups(small_resnet_dw().eval(), torch.randn(2, 1, 8, 8)); trace_groups(_Cat().eval(), torch.randn(2, 3, 8, 8))
+
+
+# --- nothing left to prune ----------------------------------------------------------------------------
+class _Plain(nn.Module):
+    def __init__(self): super().__init__(); self.a = nn.Conv2d(3, 4, 3); self.head = nn.Linear(4, 2)
+    def forward(self, x): return self.head(F.adaptive_avg_pool2d(self.a(x), 1).flatten(1))
+
+
+def test_step_stops_when_nothing_is_prunable():
+    torch.manual_seed(0); gf = GroupFisher(_Plain(), torch.randn(2, 3, 8, 8))
+    picked = [gf.step() for _ in range(3)]                              # 4 groups on conv a's 4 channels: 3 may go
+    assert None not in picked and int(gf.alive.sum()) == 1
+    assert gf.step() is None and int(gf.alive.sum()) == 1 and gf.counts()['a'] == (3, 1)
+
+
+def test_pruning_phase_ends_when_nothing_is_prunable():
+    torch.manual_seed(0); xs, ys = torch.randn(16, 3, 8, 8), torch.randint(0, 2, (16,))
+    dls = DataLoaders(TensorDL(TensorDS(xs, ys), bs=4), TensorDL(TensorDS(xs[:4], ys[:4]), bs=4), device='cpu')
+    net = _Plain(); gf = GroupFisher(net, xs[:2])
+    cb = GroupFisherPruning(gf, interval=1, target=0.1, ft_lr=0.01)     # 0.1 × FLOPs cannot be reached: conv a keeps 1 channel
+    learn = Learner(dls, net, torch.nn.CrossEntropyLoss(), opt_func=SGD, lr=0.01, cbs=cb)
+    with pytest.warns(UserWarning, match='no channel group can be pruned'):
+        with learn.no_bar(), learn.no_logging(): learn.fit(2)
+    assert not cb.pruning and cb.i0 == 4 and int(gf.alive.sum()) == 1
+
+
+def test_no_groups_at_all():
+    net = nn.Sequential(nn.Conv2d(3, 1, 3), nn.Flatten(), nn.Linear(36, 2))   # 1 channel, then a flatten of 6×6 maps
+    with pytest.warns(UserWarning, match='no channel group can be pruned'): gf = GroupFisher(net, torch.randn(2, 3, 8, 8))
+    assert len(gf.groups) == 0 and gf.flops() == gf.flops0 and gf.step() is None
+
+
+# --- checkpoints are loaded as weights only --------------------------------------------------------
+class _Payload:
+    "Unpickling this object creates a file: what a malicious `weights=` checkpoint would run."
+    def __init__(self, marker): self.marker = str(marker)
+    def __reduce__(self): return (open, (self.marker, 'w'))
+
+
+@pytest.mark.parametrize('name', ['imagenet', 'coco'])
+def test_recipe_weights_are_loaded_weights_only(tmp_path, monkeypatch, name):
+    from xwlearn.repro.group_fisher import group_fisher_imagenet_resnet50, group_fisher_coco_retinanet_r50
+    marker, evil = tmp_path/'pwned', tmp_path/'evil.pth'
+    torch.save({'w': _Payload(marker)}, evil)
+    monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')         # torch's weights-only default switched off
+    if name == 'imagenet':
+        from xwlearn.data import write_imagefolder, make_shapes_classification
+        ims, ys, names = make_shapes_classification(8, size=32, seed=0)
+        for split in ('train', 'val'): write_imagefolder(tmp_path/'data', ims, ys, names, split=split)
+        run = lambda: group_fisher_imagenet_resnet50(tmp_path/'data', smoke=True, weights=str(evil))
+    else:
+        from xwlearn.vision.detection import write_coco_shapes
+        write_coco_shapes(tmp_path/'coco', n_train=2, n_val=1, size=64, seed=0)
+        run = lambda: group_fisher_coco_retinanet_r50(tmp_path/'coco', smoke=True, weights=str(evil))
+    with pytest.raises(pickle.UnpicklingError): run()
+    assert not marker.exists()

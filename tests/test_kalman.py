@@ -150,3 +150,28 @@ def test_torchvision_resnet_conversion():
     assert r50.layer3[0].downsample[1]._link[2] is r50.layer3[0].downsample[0]
     with pytest.raises(TypeError, match="expected nn.BatchNorm2d"):
         convert_bn_to_bkn(torchvision.models.resnet18(weights=None, norm_layer=lambda c: nn.GroupNorm(2, c)))
+
+
+def test_autocast_bf16_forward_backward():
+    "Under CPU autocast the convs emit bf16 while the running statistics stay float32 (used to fail in `lerp_`)."
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(4))
+    ref = convert_bn_to_bkn(net, group_size=2, mc_samples=0)
+    bkn = copy.deepcopy(ref)
+    x = torch.randn(8, 3, 8, 8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = bkn(x)
+        y.float().square().mean().backward()
+    assert y.dtype == torch.bfloat16
+    for m in bkn.modules():
+        if isinstance(m, BatchKalmanNorm2d):
+            assert m.running_mean.dtype == m.running_var.dtype == torch.float32
+            assert torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all() and m.num_batches_tracked == 1
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in bkn.parameters())
+    y32 = ref(x)                                                    # float32 forward: the same up to bf16 rounding
+    assert (y.float() - y32).abs().max() < 0.15
+    for a, b in zip(bkn.modules(), ref.modules()):
+        if isinstance(a, BatchKalmanNorm2d): torch.testing.assert_close(a.running_var, b.running_var, rtol=0.05, atol=0.02)
+    bkn.eval()
+    with torch.autocast('cpu', dtype=torch.bfloat16): assert bkn(x).dtype == torch.bfloat16

@@ -19,7 +19,7 @@ def test_imports_without_the_llm_extra(tmp_path):
             "sys.meta_path.insert(0, Block())\n"
             "import xwlearn.llm.core, xwlearn.llm.relay, xwlearn.agents.mage\n"
             "from xwlearn.llm.core import load_causal_lm\n"
-            f"open({str(tmp_path/'m.gguf')!r}, 'wb').close()\n"
+            f"open({str(tmp_path/'m.gguf')!r}, 'wb').write(b'GGUF' + bytes(16))\n"
             "try: load_causal_lm(" + repr(str(tmp_path/"m.gguf")) + ")\n"
             "except ImportError as e: assert 'pip install \"xwlearn[llm]\"' in str(e), e\n"
             "else: raise AssertionError('no ImportError')\n")
@@ -108,3 +108,40 @@ def test_openai_chat_retries_and_errors(monkeypatch):
     with pytest.raises(RuntimeError, match="401"): OpenAIChat(session=Session([Resp(401, {})]))("p")
     monkeypatch.delenv("XWLEARN_LLM_BASE_URL")
     with pytest.raises(ValueError, match="base_url"): OpenAIChat()
+
+
+def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    "Same file name, different bytes: different caches; bytes that are not GGUF are refused, never served a cached model."
+    from xwlearn.llm.core import _gguf_cache, load_tokenizer, SMOLLM2_FILE
+    monkeypatch.setenv("XWLEARN_CACHE", str(tmp_path/"cache"))
+    rng = __import__("random").Random(0)
+    def put(folder, data):
+        p = tmp_path/folder/SMOLLM2_FILE; p.parent.mkdir(); p.write_bytes(data); return p
+    body = bytes(rng.randrange(256) for _ in range(4096))
+    a, b, c = put("a", b"GGUF" + body), put("b", b"GGUF" + body[::-1]), put("c", b"GGUF" + body)
+    assert _gguf_cache(a) != _gguf_cache(b) and _gguf_cache(a) == _gguf_cache(c)   # content decides, not the name
+    junk = put("junk", b"\x00JNK" + body)
+    old = tmp_path/"cache"/SMOLLM2_FILE.lower().removesuffix(".gguf"); old.mkdir(parents=True)   # a converted SmolLM2
+    (old/"config.json").write_text("{}"); (old/"tokenizer.json").write_text("{}")                # under the old name key
+    for load in (load_causal_lm, load_tokenizer):
+        with pytest.raises(ValueError, match=__import__("re").escape(str(junk)) + " is not a GGUF file"): load(junk)
+
+
+def test_openai_chat_url_forms(monkeypatch):
+    "Base URLs and full endpoint URLs give one request URL; a URL without scheme or host is refused."
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    want = "http://host:8000/v1/chat/completions"
+    for u in ("http://host:8000", "http://host:8000/", "http://host:8000/v1", "http://host:8000/v1/", want, want + "/"):
+        assert OpenAIChat(u, model="m").url == want, u
+    assert OpenAIChat("https://h.example/api/v2/chat/completions", model="m").url == "https://h.example/api/v2/chat/completions"
+    assert OpenAIChat("https://h.example/openai/v1", model="m").url == "https://h.example/openai/v1/chat/completions"
+    class Resp:
+        status_code = 200
+        def json(self): return {"choices": [{"message": {"content": "ok"}}]}
+        def raise_for_status(self): pass
+    class Session:
+        urls = []
+        def post(self, url, headers, json, timeout): Session.urls.append(url); return Resp()
+    assert OpenAIChat(want, model="m", session=Session())("p") == "ok" and Session.urls == [want]   # the pasted endpoint, once
+    for bad in ("host:8000/v1", "localhost", "/v1/chat/completions", "ftp://host/v1", "http:///v1"):
+        with pytest.raises(ValueError, match="base_url"): OpenAIChat(bad, model="m")

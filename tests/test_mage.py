@@ -182,3 +182,78 @@ def test_memoryarena_runner_smoke(tmp_path):
 def test_registered():
     from xwlearn.core import REPRODUCTIONS
     assert REPRODUCTIONS["mage"].paper == "mage"
+
+
+def _validated(reply):
+    "A MageMemory whose validator answers `reply` after one two-step subgoal."
+    mem = MageMemory()
+    mem.reset("t", lambda p: "a summary" if p.startswith("### SUMMARIZE") else reply)
+    mem.record("search a", "x"); mem.record("buy b", "y"); mem.subgoal_done()
+    return mem
+
+
+def test_validator_replies_parse_strictly():
+    "FAIL in any case, with `|` or `:` before the diagnosis, revises; OK does not; an unreadable reply is counted."
+    for reply in ("FAIL 0 | x", "fail 0 | x", "FAIL 0: x", "Fail 0 - x", '{"verdict": "FAIL", "target": 0, "diagnosis": "x"}'):
+        mem = _validated(reply)
+        assert (mem.revisions, mem.tree.hints, mem.n_unparsed) == (1, ["x"], 0), reply
+    for reply in ("OK", "ok.", "OK - the summary follows", '{"verdict": "OK"}'):
+        mem = _validated(reply)
+        assert (mem.revisions, mem.tree.hints, mem.n_unparsed) == (0, [], 0), reply
+    mem = _validated("The summary looks wrong to me.")           # neither verdict: no revision, but not silently OK
+    assert (mem.revisions, mem.n_unparsed) == (0, 1)
+    mem = _validated("FAIL: the buy is wrong")                   # no target: the diagnosis becomes a hint, no rewind
+    assert (mem.revisions, mem.tree.hints) == (0, ["the buy is wrong"])
+
+
+def test_score_answer_strict():
+    "The final answer statement must state the gold answer, not negate it or follow it with another candidate."
+    assert not score_answer("It is not 12, it is 15", "12")
+    assert not score_answer("not 12", "12") and not score_answer("12? No wait, 15", "12")
+    assert not score_answer("The answer is 12. Actually it's 15.", "12")
+    assert not score_answer("Not B0ABCDEFGH; I pick B0ZZZZZZZ1.", {"target_asin": "B0ABCDEFGH"})
+    assert score_answer("The answer is 42.", "42") and score_answer("12", "12") and score_answer("It is 12, not 15.", "12")
+    assert score_answer("I pick B0ABCDEFGH.", {"target_asin": "B0ABCDEFGH"}) and not score_answer("12", "2")
+    assert score_answer("x = 3.5", "3.5") and score_answer("3 and 4", ["3", "4"]) and score_answer("Paris", "paris")
+
+
+def test_parse_action_strict():
+    assert parse_action("I cannot submit yet; search laptop") == "search laptop"
+    assert parse_action("Do not buy P01; buy P02") == "buy P02"
+    assert parse_action("ok: Buy P31.") == "buy P31" and parse_action("SUBMIT") == "submit" and parse_action("") == "invalid"
+    assert parse_action("Action: inspect P03") == "inspect P03" and parse_action("search laptop\n") == "search laptop"
+    assert parse_action('{"action": "buy P01"}') == "buy P01" and parse_action("I won't submit") == "invalid"
+
+
+class _FlakyEndpoint:
+    "The scripted backend behind a fake `OpenAIChat`; the call numbered `fail_at` (1-based, over all instances) raises."
+    calls, fail_at = 0, None
+    model, base_url = "fake", "http://fake/v1"
+    def __init__(self): self.inner = ScriptedLLM(seed=0)
+    def __call__(self, prompt):
+        type(self).calls += 1
+        if type(self).calls == type(self).fail_at: raise OSError("HTTP 502 from the fake endpoint")
+        return self.inner(prompt)
+
+
+def test_endpoint_run_is_journaled_and_resumes(tmp_path, monkeypatch):
+    "An error at call N keeps every finished task on disk; a second run makes only the remaining calls."
+    from xwlearn.repro.mage import mage_memoryarena_endpoint
+    monkeypatch.setattr("xwlearn.repro.mage.OpenAIChat", _FlakyEndpoint)
+    data = write_memoryarena_fixture(tmp_path/"data", n_tasks=2, n_sub=3)
+    def run(out, fail_at=None):
+        _FlakyEndpoint.calls, _FlakyEndpoint.fail_at = 0, fail_at
+        return mage_memoryarena_endpoint(data, out_dir=out)
+    ref = run(tmp_path/"ref"); total = _FlakyEndpoint.calls
+    ref_lines = (tmp_path/"ref"/"episodes.jsonl").read_text().splitlines()
+    assert total == 48 and len(ref_lines) == 8                 # 2 configs x 2 arms x 2 tasks; 3 calls per subtask for MAGE
+    with pytest.raises(OSError, match="502"): run(tmp_path/"out", fail_at=31)
+    assert (tmp_path/"out"/"episodes.jsonl").read_text().splitlines() == ref_lines[:6]   # calls 1-30 = six whole tasks
+    assert run(tmp_path/"out") == ref and _FlakyEndpoint.calls == total - 30
+    assert (tmp_path/"out"/"episodes.jsonl").read_text().splitlines() == ref_lines
+    with pytest.raises(OSError): run(tmp_path/"mid", fail_at=20)       # inside the 4th task (calls 16-24)
+    assert len((tmp_path/"mid"/"episodes.jsonl").read_text().splitlines()) == 3
+    with open(tmp_path/"mid"/"episodes.jsonl", "a") as f: f.write(ref_lines[3][:40])   # a torn last line
+    with pytest.warns(UserWarning, match="truncated"): assert run(tmp_path/"mid") == ref
+    assert _FlakyEndpoint.calls == total - 15 and (tmp_path/"mid"/"episodes.jsonl").read_text().splitlines() == ref_lines
+    assert run(tmp_path/"mid") == ref and _FlakyEndpoint.calls == 0      # all done: nothing is asked again

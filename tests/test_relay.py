@@ -191,3 +191,40 @@ def test_smollm2_relay_matches_stock():
     assert len({len(r) for r in r_ids}) > 1   # ragged request lengths
     ref = [stock_greedy(model, s_ids + r, 12) for r in r_ids]
     assert RelayLM(model).set_system(s_ids).generate(r_ids, 12).tolist() == ref
+
+
+@pytest.mark.parametrize("which,bad,msg", [
+    (0, lambda t: t.long(), "q must be a floating-point tensor, got dtype torch.int64"),
+    (0, lambda t: t > 0, "q must be a floating-point tensor, got dtype torch.bool"),
+    (0, lambda t: t.to(torch.complex64), "q must be a floating-point tensor, got dtype torch.complex64"),
+    (1, lambda t: t.int(), "k_sys must be a floating-point tensor, got dtype torch.int32"),
+    (2, lambda t: t.double(), "v_sys has dtype torch.float64 but q has torch.float32"),
+    (3, lambda t: t.half(), "k_req has dtype torch.float16 but q has torch.float32"),
+    (4, lambda t: t.to(torch.complex64), "v_req must be a floating-point tensor, got dtype torch.complex64"),
+])
+def test_relay_refuses_non_float_and_mixed_dtypes(which, bad, msg):
+    args = [Q, KS, KS, KR, KR]; args[which] = bad(args[which])
+    with pytest.raises(TypeError) as e: relay_attention(*args)
+    assert msg in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("lens,err,msg", [
+    (torch.tensor([1.0, 2.0]), TypeError, "req_lens must be an integer tensor, got dtype torch.float32"),
+    (torch.tensor([True, False]), TypeError, "req_lens must be an integer tensor, got dtype torch.bool"),
+    ([1, 2], TypeError, "req_lens must be a (B,) integer tensor, got list"),
+    (torch.tensor([1, 2, 3]), ValueError, "req_lens must have shape (2,), got (3,)"),
+    (torch.tensor([-1, 2]), ValueError, "req_lens must lie in [0, 3] (the key length it indexes), got [-1, 2]"),
+    (torch.tensor([1, 4]), ValueError, "req_lens must lie in [0, 3] (the key length it indexes), got [1, 4]"),
+])
+def test_relay_refuses_bad_req_lens(lens, err, msg):
+    with pytest.raises(err) as e: relay_attention(Q, KS, KS, KR, KR, req_lens=lens)
+    assert msg in str(e.value), str(e.value)
+    relay_attention(Q, KS, KS, KR, KR, req_lens=torch.tensor([0, 3], dtype=torch.int32))   # the ends of the range are fine
+
+
+def test_attention_lse_and_merge_refuse_bad_inputs():
+    with pytest.raises(ValueError, match=r"kv_lens must lie in \[0, 3\].*got \[0, 7\]"): attention_lse(Q, KR, KR, kv_lens=torch.tensor([0, 7]))
+    with pytest.raises(TypeError, match="kv_lens must be an integer tensor"): attention_lse(Q, KR, KR, kv_lens=torch.tensor([1.5, 2.0]))
+    with pytest.raises(TypeError, match="k must be a floating-point tensor"): attention_lse(Q, KR.long(), KR)
+    o, l = attention_lse(Q, KR, KR)
+    with pytest.raises(TypeError, match="lse2 must be a floating-point tensor"): merge_attention(o, l, o, l.long())

@@ -74,3 +74,89 @@ def test_fastai_fit_torchvision_detector(root):
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
     trn, val, ap, ap50 = learn.recorder.values[-1]
     assert torch.isfinite(torch.tensor([trn, val])).all() and 0 <= ap <= ap50 <= 1
+
+
+# --- issue 14: validation at load (each of these failed before it) ---------------------------------------------------
+
+def edited(root, tmp_path, edit, split='val2017'):
+    "A copy of the fixture with `edit(json dict)` applied to `split`'s annotation file."
+    import shutil
+    dst = tmp_path/'coco'; shutil.copytree(root, dst)
+    p = dst/'annotations'/f'instances_{split}.json'; js = json.loads(p.read_text()); edit(js); p.write_text(json.dumps(js))
+    return dst
+
+
+def no_objects_on_first_image(js):
+    js['annotations'] = [a for a in js['annotations'] if a['image_id'] != js['images'][0]['id']]
+
+
+def test_images_without_annotations_load_train_and_evaluate(root, tmp_path):
+    def edit(js): no_objects_on_first_image(js)
+    dst = edited(root, tmp_path, edit, 'train2017')
+    p = dst/'annotations/instances_val2017.json'; js = json.loads(p.read_text()); no_objects_on_first_image(js); p.write_text(json.dumps(js))
+    ds = coco_dataset(dst, 'val2017', size=96)
+    im, t = ds[0]
+    assert t['boxes'].shape == (0, 4) and t['labels'].shape == (0,) and ds.report['images_without_objects'] == 1
+    _, tg = detection_collate([ds[0], ds[1]])
+    assert tg[0]['boxes'].shape == (0, 4) and len(tg[1]['boxes']) > 0
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, 4, 1), nn.ReLU()); body.out_channels = 8
+    det = RetinaNet(body, 6, min_size=64, max_size=64, anchor_generator=AnchorGenerator(((8, 16),), ((1.0,),)))
+    dls = coco_dls(dst, bs=2, size=64, max_size=64, device='cpu', n_train=2, n_valid=2)   # batches hold the empty images
+    learn = detection_learner(dls, det, lr=0.01)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    trn, val, ap, ap50 = learn.recorder.values[-1]
+    assert torch.isfinite(torch.tensor([trn, val, ap, ap50])).all()
+
+
+def test_json_without_images_is_refused(root, tmp_path):
+    dst = edited(root, tmp_path, lambda js: js.pop('images'))
+    with pytest.raises(DatasetLayoutError, match=r"instances_val2017.json has no 'images' list"): coco_dataset(dst, 'val2017')
+
+
+def test_empty_split_is_refused(root, tmp_path):
+    dst = edited(root, tmp_path, lambda js: js.update(images=[]))
+    with pytest.raises(DatasetLayoutError, match=r"instances_val2017.json: the 'images' list is empty"): coco_dataset(dst, 'val2017')
+    dst = edited(root, tmp_path/'b', lambda js: [a.update(category_id=99) for a in js['annotations']])   # nothing usable left
+    with pytest.raises(DatasetLayoutError, match=r"instances_val2017.json: none of its \d+ annotations"): coco_dataset(dst, 'val2017')
+
+
+def test_bad_boxes_are_clipped_or_dropped_and_reported(root, tmp_path):
+    def edit(js):
+        a, iid = js['annotations'], js['images'][0]['id']
+        base = dict(image_id=iid, category_id=1, area=1, iscrowd=0)
+        a += [dict(base, id=900 + k, bbox=b) for k, b in enumerate(
+              [[float('nan'), 1, 5, 5], [10, 10, -5, 5], [10, 10, 0, 5], [70, 70, 5, 5], [60, -2, 10, 10]])]
+        a += [dict(base, id=910, bbox=[1, 1, 5, 5], category_id=99), dict(base, id=911, bbox=[1, 1, 5, 5], image_id=12345)]
+    dst = edited(root, tmp_path, edit)
+    n = len(json.loads((dst/'annotations/instances_val2017.json').read_text())['annotations'])
+    with pytest.warns(UserWarning, match='clipped 1 boxes.*dropped 6'): ds = coco_dataset(dst, 'val2017')
+    r = ds.report
+    assert r['dropped'] == dict(unknown_image_id=1, unknown_category_id=1, bad_bbox=1, empty_bbox=2, outside_image=1)
+    assert r['clipped'] == 1 and r['kept'] == n - 6 and r['annotations'] == n
+    boxes = ds[0][1]['boxes']
+    assert [60., 0., 64., 8.] in boxes.tolist() and (boxes[:, 2:] > boxes[:, :2]).all() and boxes.max() <= 64
+    assert sum(len(ds[i][1]['boxes']) for i in range(len(ds))) == n - 6
+
+
+@pytest.mark.parametrize('fn', ['../train2017/000000000001.png', '/etc/hostname', 'sub/../../x.png'])
+def test_file_name_outside_root_is_refused(root, tmp_path, fn):
+    dst = edited(root, tmp_path, lambda js: js['images'][0].update(file_name=fn))
+    with pytest.raises(DatasetLayoutError, match=f"file_name '{fn}'"): coco_dataset(dst, 'val2017')
+
+
+def test_crowd_ignored_in_training_kept_for_eval(root, tmp_path):
+    def edit(js):
+        iid = js['images'][0]['id']
+        js['annotations'].append(dict(id=999, image_id=iid, category_id=2, bbox=[0, 0, 64, 64], area=4096, iscrowd=1))
+    ds = coco_dataset(edited(root, tmp_path, edit), 'val2017')
+    assert ds.report['crowd'] == 1 and ds.coco.cats.keys() == {1, 2, 3, 4, 5}
+    t = ds[0][1]
+    assert [0., 0., 64., 64.] not in t['boxes'].tolist() and t['crowd_boxes'].tolist() == [[0., 0., 64., 64.]]
+    tg = [ds[i][1] for i in range(len(ds))]
+    gt = targets_to_coco(tg)
+    assert sum(a['iscrowd'] for a in gt['annotations']) == 1
+    dets = [dict(image_id=t['image_id'], boxes=t['boxes'], labels=t['labels'], scores=torch.ones(len(t['labels']))) for t in tg]
+    assert coco_evaluate(gt, dets)['AP'] == 1.0                  # the crowd region is not a missed object

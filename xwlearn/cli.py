@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse, sys, os, runpy, time, subprocess
 from pathlib import Path
 
-from .core import PAPERS, REPRODUCTIONS, RECIPES, get_reproduction, run_reproduction, write_claims, read_claims, fingerprint_matches
+from .core import PAPERS, REPRODUCTIONS, RECIPES, UnknownName, get_reproduction, run_reproduction, write_claims, read_claims, fingerprint_matches
 from .report import write_claims_page
 
 # %% auto #0
@@ -32,11 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None, help="override the paper's number of epochs")
     t.add_argument("--smoke", action="store_true", help="shrunken setting for a quick check on fixture data")
     t.add_argument("--out", default=None, help="run folder for checkpoints (default: runs/RECIPE)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
+    t.add_argument("--resume", action="store_true", help="continue the run in OUT (same recipe, epochs, --smoke and seed)")
+    t.add_argument("--overwrite", action="store_true", help="move a run already in OUT aside (OUT.replaced-<time>) and start afresh")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--audit", default=None, help="write per-rank data-parallel audits to this folder")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
-    sub.add_parser("bench", help="GPU kernel benchmarks (kernels/bench.py)")
+    b = sub.add_parser("bench", help="GPU kernel benchmarks (kernels/bench.py of the checkout xwlearn is installed from)")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="passed to kernels/bench.py (e.g. --only relay)")
     return p
 
 # %% ../nbs/00_core/04_cli.ipynb #b44608d9
@@ -132,12 +134,12 @@ def cmd_reproduce(key:str, out:str="reports", test:bool=False, jobs:int=1, force
 
 # %% ../nbs/00_core/04_cli.ipynb #0f1fc52a
 def cmd_train(a) -> int:
-    from xwlearn.recipes import train
+    from xwlearn.recipes import train, RunFolderError, CheckpointError
     from xwlearn.data import DatasetLayoutError
     try:
         res = train(a.recipe, a.data, epochs=a.epochs, smoke=a.smoke, out_dir=a.out, resume=a.resume, seed=a.seed,
-                    audit=a.audit, quiet=a.quiet)
-    except DatasetLayoutError as e:
+                    audit=a.audit, quiet=a.quiet, overwrite=a.overwrite)
+    except (DatasetLayoutError, RunFolderError, CheckpointError, UnknownName) as e:
         print(f"xwlearn train: {e}", file=sys.stderr); return 2
     if isinstance(res, dict):  # a kind="run" recipe: a measurement, its results written to out_dir/results.json
         import json
@@ -146,17 +148,22 @@ def cmd_train(a) -> int:
 
 # %% ../nbs/00_core/04_cli.ipynb #10b66ed9
 def _find_bench() -> Path|None:
+    "The `kernels/bench.py` of the source checkout the imported `xwlearn` lives in; None for a wheel install."
     import xwlearn
-    for root in (Path.cwd(), Path(xwlearn.__file__).resolve().parent.parent):
-        if (root/"kernels"/"bench.py").exists(): return root/"kernels"/"bench.py"
+    root = Path(xwlearn.__file__).resolve().parent.parent
+    b, proj = root/"kernels"/"bench.py", root/"pyproject.toml"
+    if b.is_file() and proj.is_file() and 'name = "xwlearn"' in proj.read_text(): return b
     return None
 
-def cmd_bench() -> int:
+def cmd_bench(args:list|None=None) -> int:
+    import xwlearn
     b = _find_bench()
     if b is None:
-        print("xwlearn bench: kernels/bench.py not found — run it from a checkout of the xwlearn repository", file=sys.stderr)
+        print(f"xwlearn bench: the benchmarks live in the repository's kernels/ folder, and the xwlearn imported here "
+              f"({Path(xwlearn.__file__).resolve().parent}) is not a source checkout; clone the repository and "
+              "`pip install -e .` it, then run `xwlearn bench` (or `python kernels/bench.py` there)", file=sys.stderr)
         return 2
-    sys.argv = [str(b)]
+    sys.argv = [str(b)] + list(args or [])
     runpy.run_path(str(b), run_name="__main__")
     return 0
 
@@ -168,8 +175,8 @@ def main(argv:list|None=None) -> int:
         if a.cmd == "list": return cmd_list()
         if a.cmd == "reproduce": return cmd_reproduce(a.key, a.out, a.test, a.jobs, a.force)
         if a.cmd == "train": return cmd_train(a)
-        if a.cmd == "bench": return cmd_bench()
-    except KeyError as e:  # unknown paper / reproduction / recipe: the message lists the valid ones
-        print(f"xwlearn {a.cmd}: {e.args[0]}", file=sys.stderr); return 2
+        if a.cmd == "bench": return cmd_bench(a.args)
+    except UnknownName as e:  # unknown paper / reproduction / recipe: the message lists the valid ones
+        print(f"xwlearn {a.cmd}: {e}", file=sys.stderr); return 2
     except BrokenPipeError:  # `xwlearn list | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()); return 0

@@ -16,7 +16,7 @@ import torch
 
 # %% auto #0
 __all__ = ['PAPERS', 'VERDICTS', 'MIN_SEEDS', 'SE_K', 'REPRODUCTIONS', 'RECIPE_KINDS', 'RECIPES', 'set_seed', 'set_cpu_threads',
-           'cpu_threads', 'default_device', 'is_distributed', 'is_main_process', 'Paper', 'get_paper',
+           'cpu_threads', 'default_device', 'is_distributed', 'is_main_process', 'Paper', 'UnknownName', 'get_paper',
            'papers_markdown', 'mean_se', 'Check', 'better', 'equivalent', 'ordered', 'decide', 'Measured',
            'Reproduction', 'Claim', 'reproduction', 'get_reproduction', 'run_reproduction', 'run_fingerprint',
            'fingerprint_matches', 'Recipe', 'recipe', 'get_recipe', 'cache_dir', 'atomic_write', 'atomic_write_text',
@@ -199,10 +199,14 @@ PAPERS: dict[str, Paper] = {p.key: p for p in [
        "2606.06090", "", _L, "10_agents.mage.ipynb", "xwlearn.agents.mage"),
 ]}
 
+class UnknownName(KeyError):
+    "No paper, reproduction or recipe is registered under the name asked for; the message lists the valid names."
+    def __str__(self): return str(self.args[0]) if self.args else ""
+
 def get_paper(key:str) -> Paper:
     "The `Paper` registered under `key`, with an error listing the valid keys otherwise."
     try: return PAPERS[key]
-    except KeyError: raise KeyError(f"unknown paper key {key!r}; known: {', '.join(sorted(PAPERS))}") from None
+    except KeyError: raise UnknownName(f"unknown paper key {key!r}; known: {', '.join(sorted(PAPERS))}") from None
 
 # %% ../nbs/00_core/00_core.ipynb #d15b5f75
 def papers_markdown() -> str:
@@ -349,7 +353,7 @@ def get_reproduction(key:str) -> Reproduction:
     "The reproduction of paper `key`, importing the paper's modules as needed."
     if key not in REPRODUCTIONS and key in PAPERS and PAPERS[key].implemented(): PAPERS[key].load()
     if key not in REPRODUCTIONS:
-        raise KeyError(f"no reproduction registered as {key!r}; registered: {', '.join(sorted(REPRODUCTIONS)) or 'none'}"
+        raise UnknownName(f"no reproduction registered as {key!r}; registered: {', '.join(sorted(REPRODUCTIONS)) or 'none'}"
                        f" (implemented papers: {', '.join(k for k,p in PAPERS.items() if p.implemented()) or 'none'})")
     return REPRODUCTIONS[key]
 
@@ -444,7 +448,7 @@ def get_recipe(name:str) -> Recipe:
         for p in PAPERS.values():
             if p.implemented(): p.load()
         importlib.import_module("xwlearn.recipes")  # by name, like the papers: the registry never imports upward
-    if name not in RECIPES: raise KeyError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES)) or 'none'}")
+    if name not in RECIPES: raise UnknownName(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES)) or 'none'}")
     return RECIPES[name]
 
 # %% ../nbs/00_core/00_core.ipynb #f72649a5

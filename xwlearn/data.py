@@ -6,10 +6,11 @@ Docs: https://xwlearn.github.io/xwlearn/00_core/data.html.md"""
 
 # %% auto #0
 __all__ = ['SHAPE_CLASSES', 'CIFAR10_CLASSES', 'CIFAR10_STATS', 'IMAGENET_STATS', 'DatasetLayoutError', 'TensorDS', 'SeededDL',
-           'TensorDL', 'tensor_dls', 'show_image_grid', 'digits_arrays', 'digits_dls', 'mnist1d_arrays', 'mnist1d_dls',
-           'shape_mask', 'make_shapes_classification', 'batch_crop', 'ImageBatchTfm', 'shapes_dls', 'write_imagefolder',
-           'write_cifar10_pickles', 'check_cifar10_layout', 'check_imagefolder_layout', 'read_cifar10', 'cifar10_dls',
-           'list_imagefolder', 'ImageFolderDS', 'imagenet_dls']
+           'TensorDL', 'loader_rng_state', 'set_loader_rng_state', 'tensor_dls', 'show_image_grid', 'digits_arrays',
+           'digits_dls', 'mnist1d_arrays', 'mnist1d_dls', 'shape_mask', 'make_shapes_classification', 'batch_crop',
+           'ImageBatchTfm', 'shapes_dls', 'write_imagefolder', 'write_cifar10_pickles', 'check_cifar10_layout',
+           'check_imagefolder_layout', 'read_cifar10', 'cifar10_dls', 'list_imagefolder', 'ImageFolderDS',
+           'imagenet_dls']
 
 # %% ../nbs/00_core/01_data.ipynb #49911984
 import os, pickle, random, hashlib, json, tempfile, importlib.metadata
@@ -54,11 +55,6 @@ class SeededDL(DataLoader):
         super().before_iter()
         self.epoch += 1
         if hasattr(self.dataset, 'set_epoch'): self.dataset.set_epoch(self.epoch)
-    def skip_epoch(self):
-        "Advance the epoch and every RNG exactly as one pass would, loading nothing (a resumed run's finished epochs)."
-        self.randomize(); self.before_iter(); self._DataLoader__idxs = self.get_idxs()  # what `__iter__` does first
-        if self.fake_l.generator is not None:  # torch's iterator draws its worker base seed from the generator
-            torch.empty((), dtype=torch.int64).random_(generator=self.fake_l.generator)
 
 class TensorDL(SeededDL):
     "A `SeededDL` over a `TensorDS` that gathers each batch with one indexing op per tensor (no per-item Python)."
@@ -73,6 +69,52 @@ class TensorDL(SeededDL):
             b = idxs[i:i + self.bs]
             if self.drop_last and len(b) < self.bs: return
             yield tuple(t.index_select(0, b.to(t.device)) for t in self.dataset.tensors)
+
+# %% ../nbs/00_core/01_data.ipynb #bf72ca33
+_GENERATORS = (torch.Generator, random.Random, np.random.Generator, np.random.RandomState)
+
+def _loader_generators(dl) -> dict:
+    "Every generator `dl` draws from, by where it lives: shuffle RNG, worker-seed generator, dataset and transform attributes."
+    found = {"rng": getattr(dl, "rng", None), "fake_l.generator": getattr(getattr(dl, "fake_l", None), "generator", None)}
+    for k, v in getattr(getattr(dl, "dataset", None), "__dict__", {}).items(): found[f"dataset.{k}"] = v
+    for where in ("after_item", "before_batch", "after_batch"):
+        p = getattr(dl, where, None)  # a fastcore Pipeline (its `fs`) or a plain callable
+        for i, f in enumerate(p.fs if hasattr(p, "fs") else [] if p is None else [p]):
+            for k, v in getattr(f, "__dict__", {}).items(): found[f"{where}[{i}].{k}"] = v
+    return {k: v for k, v in found.items() if isinstance(v, _GENERATORS)}
+
+def _gen_state(g):
+    if isinstance(g, torch.Generator): return dict(kind="torch", state=g.get_state())
+    if isinstance(g, random.Random):
+        _, s, gauss = g.getstate(); return dict(kind="python", state=list(s), gauss=[] if gauss is None else [gauss])
+    if isinstance(g, np.random.RandomState):
+        _, key, pos, has_gauss, gauss = g.get_state()
+        return dict(kind="numpy_legacy", state=torch.from_numpy(key.astype(np.int64)), pos=int(pos), gauss=[int(has_gauss), float(gauss)])
+    st = g.bit_generator.state  # a dict of str and int (PCG64's 128-bit ints as decimal strings: weights_only reads them)
+    return dict(kind="numpy", state=json.dumps(st))
+
+def _set_gen_state(g, st:dict, where:str):
+    kinds = {torch.Generator: "torch", random.Random: "python", np.random.RandomState: "numpy_legacy", np.random.Generator: "numpy"}
+    kind = next(v for k, v in kinds.items() if isinstance(g, k))
+    if st.get("kind") != kind: raise ValueError(f"loader generator {where}: saved a {st.get('kind')!r} state, this loader holds a {kind!r} generator")
+    if kind == "torch": g.set_state(st["state"])
+    elif kind == "python": g.setstate((3, tuple(st["state"]), st["gauss"][0] if st["gauss"] else None))
+    elif kind == "numpy_legacy":
+        g.set_state(("MT19937", st["state"].numpy().astype(np.uint32), st["pos"], int(st["gauss"][0]), st["gauss"][1]))
+    else: g.bit_generator.state = json.loads(st["state"])
+
+def loader_rng_state(dl) -> dict:
+    "The state of every generator `dl` draws from and its epoch counter, in a `torch.load(weights_only=True)`-readable form."
+    return dict(epoch=int(getattr(dl, "epoch", -1)), gens={k: _gen_state(g) for k, g in _loader_generators(dl).items()})
+
+def set_loader_rng_state(dl, st:dict):
+    "Restore a `loader_rng_state`; refuse when the loader's generators are not the ones saved (another pipeline)."
+    gens = _loader_generators(dl)
+    if set(gens) != set(st["gens"]):
+        raise ValueError(f"the saved loader state has generators {sorted(st['gens'])}, this loader has {sorted(gens)}: "
+                         "the data pipeline changed since the checkpoint was written")
+    for k, g in gens.items(): _set_gen_state(g, st["gens"][k], k)
+    if hasattr(dl, "epoch"): dl.epoch = st["epoch"]
 
 # %% ../nbs/00_core/01_data.ipynb #dc5b58db
 def tensor_dls(x, y, x_valid, y_valid, vocab=None,
@@ -421,22 +463,43 @@ def _load_cifar_pickle(fn, root):
     return d
 
 # %% ../nbs/00_core/01_data.ipynb #f4034993
+def _cifar_pixels(a, fn, root) -> np.ndarray:
+    "`a` as uint8 pixels, refusing what a cast would change (floats, values outside 0–255)."
+    a = np.asarray(a)
+    if a.dtype == np.uint8: return a
+    if not np.issubdtype(a.dtype, np.integer):
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0, 0)
+        raise DatasetLayoutError(f"{fn}: 'data' holds {a.dtype} values in [{lo:g}, {hi:g}]; CIFAR-10 batches hold uint8 pixels 0–255 "
+                                 f"(a cast would turn [0,1] floats into 0/1 images); {_cifar_expected(root)}")
+    if a.size and (a.min() < 0 or a.max() > 255):
+        raise DatasetLayoutError(f"{fn}: 'data' values span [{a.min()}, {a.max()}], outside the uint8 pixel range 0–255")
+    return a.astype(np.uint8)
+
 def read_cifar10(path) -> dict:
-    "CIFAR-10 python version as uint8 tensors: dict(x, y, x_test, y_test, classes) with x (N,3,32,32)."
+    "CIFAR-10 python version as uint8 tensors: dict(x, y, x_test, y_test, classes) with x (N,3,32,32); refuses non-pixel data and labels without a name."
     d = check_cifar10_layout(path)
     res = {}
     for split, files in (('', [f'data_batch_{i}' for i in range(1, 6)]), ('_test', ['test_batch'])):
         xs, ys = [], []
         for fn in files:
             b = _load_cifar_pickle(d/fn, d.parent)
-            if 'data' not in b or 'labels' not in b or np.asarray(b['data']).shape[1:] != (3072,):
+            if 'data' not in b or 'labels' not in b or np.asarray(b['data']).ndim != 2 or np.asarray(b['data']).shape[1:] != (3072,):
                 raise DatasetLayoutError(f"{d/fn} is not a CIFAR-10 batch (needs 'data' (N,3072) uint8 and 'labels'); "
                                          f"{_cifar_expected(d.parent)}")
-            xs.append(np.asarray(b['data'], dtype=np.uint8)); ys.append(np.asarray(b['labels'], dtype=np.int64))
+            x, y = _cifar_pixels(b['data'], d/fn, d.parent), np.asarray(b['labels'])
+            if y.ndim != 1 or len(y) != len(x) or (y.size and not np.issubdtype(y.dtype, np.integer)):
+                raise DatasetLayoutError(f"{d/fn}: 'labels' must be {len(x)} integers (one per row of 'data'), got {y.dtype} {y.shape}")
+            xs.append(x); ys.append(y.astype(np.int64))
         res['x' + split] = torch.from_numpy(np.concatenate(xs).reshape(-1, 3, 32, 32))
         res['y' + split] = torch.from_numpy(np.concatenate(ys))
     meta = _load_cifar_pickle(d/'batches.meta', d.parent)
     res['classes'] = [n.decode() if isinstance(n, bytes) else n for n in meta.get('label_names', CIFAR10_CLASSES)]
+    for k in ('y', 'y_test'):
+        y = res[k]
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(res['classes'])):
+            raise DatasetLayoutError(f"{d}: {'training' if k == 'y' else 'test'} labels span [{int(y.min())}, {int(y.max())}] but "
+                                     f"batches.meta names {len(res['classes'])} classes ({res['classes'][:3]}…): every label needs a name")
+    if not len(res['y']): raise DatasetLayoutError(f"{d}: the training batches hold no images")
     return res
 
 # %% ../nbs/00_core/01_data.ipynb #7e490683

@@ -6,24 +6,49 @@ Docs: https://xwlearn.github.io/xwlearn/00_core/recipes.html.md"""
 
 # %% ../nbs/00_core/03_recipes.ipynb #83187b3c
 from __future__ import annotations
-import os, random, json
+import os, random, json, time, contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from .core import set_seed, set_cpu_threads, Recipe, recipe, get_recipe, is_distributed, is_main_process, atomic_write, atomic_write_text
+from .data import loader_rng_state, set_loader_rng_state
 from fastai.learner import Learner
 from fastai.callback.core import Callback, CancelEpochException
 from fastcore.basics import noop
 
 # %% auto #0
-__all__ = ['atomic_save', 'to_plain', 'rng_state', 'set_rng_state', 'CheckpointCallback', 'SkipFinishedEpochs', 'train',
-           'smoke_cifar10']
+__all__ = ['CHECKPOINT_KEYS', 'RUN_FILES', 'PROVENANCE', 'CheckpointError', 'RunFolderError', 'atomic_save', 'load_checkpoint',
+           'to_plain', 'rng_state', 'set_rng_state', 'CheckpointCallback', 'SkipFinishedEpochs', 'run_info',
+           'remove_stale_temps', 'run_lock', 'prepare_run_folder', 'write_run_json', 'train', 'smoke_cifar10']
 
 # %% ../nbs/00_core/03_recipes.ipynb #e8edb54c
+class CheckpointError(ValueError):
+    "A checkpoint cannot be read or was not written by `train`; the message names the file and what is wrong with it."
+
+class RunFolderError(ValueError):
+    "The run folder holds something this run must not touch or cannot continue; the message says what and how to go on."
+
 def atomic_save(obj, path:str|Path):
     "`torch.save` through `xwlearn.core.atomic_write`: a temp file in the same folder, fsync, then `os.replace` onto `path`."
     with atomic_write(path, "wb") as f: torch.save(obj, f)
+
+CHECKPOINT_KEYS = ("epoch", "n_epoch", "meta", "model", "opt", "rng", "loaders", "history")
+
+def load_checkpoint(path:str|Path) -> dict:
+    "`torch.load(path, weights_only=True)` of a `CheckpointCallback` checkpoint, or a `CheckpointError` naming the file and the fault."
+    path = Path(path)
+    try: ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError: raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # truncated (kill mid-copy, full disk), corrupt, or a pickle that wants to run code
+        why = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"checkpoint {path} ({path.stat().st_size:,} bytes) cannot be read: it is truncated, corrupt or "
+                              f"not a torch.save file ({type(e).__name__}: {why})") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in ck] if isinstance(ck, dict) else ["(it is not a dict)"]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(map(repr, missing))}: it was not written by this version of "
+                              "`xwlearn train` (a plain state dict? load it with `model.load_state_dict` instead)")
+    return ck
 
 def to_plain(o):
     "Recursively turn fastcore `L`s and tuples into lists so that `torch.load(weights_only=True)` can read them back."
@@ -36,21 +61,23 @@ def rng_state() -> dict:
     npst = np.random.get_state()
     return dict(python=list(random.getstate()[1]), python_pos=random.getstate()[2] if random.getstate()[2] is not None else -1,
                 numpy=torch.from_numpy(npst[1].astype(np.int64)), numpy_pos=int(npst[2]),
+                numpy_gauss=[int(npst[3]), float(npst[4])],
                 torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 def set_rng_state(st:dict):
     "Restore the generator states saved by `rng_state`."
     random.setstate((3, tuple(st["python"]), None if st["python_pos"] == -1 else st["python_pos"]))
-    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), st["numpy_pos"], 0, 0.0))
+    g = st.get("numpy_gauss", [0, 0.0])
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), st["numpy_pos"], int(g[0]), float(g[1])))
     torch.set_rng_state(st["torch"])
     if st["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda"])
 
 # %% ../nbs/00_core/03_recipes.ipynb #18c00beb
 class CheckpointCallback(Callback):
-    "Save model, optimiser, epoch, history and RNG states atomically to `out_dir/last.pth` after each finished epoch."
+    "Save model, optimiser, callbacks' states, epoch, history and every RNG state (loaders' too) atomically to `out_dir/last.pth` after each finished epoch."
     order = 60  # after the Recorder has logged the epoch
-    def __init__(self, out_dir:str|Path, # run folder: `last.pth` every epoch, `model.pth` at the end
+    def __init__(self, out_dir:str|Path, # run folder: `last.pth` every epoch, `model.pth` (and `model_ema.pth`) at the end
                  meta:dict|None=None, # extra json-able info stored in the checkpoint (recipe name, args)
                 ):
         self.out_dir, self.meta, self.start_epoch, self.history = Path(out_dir), dict(meta or {}), 0, []
@@ -67,6 +94,7 @@ class CheckpointCallback(Callback):
         cbs = {type(cb).__name__: to_plain(cb.checkpoint_state()) for cb in self.learn.cbs if hasattr(cb, "checkpoint_state")}
         atomic_save(dict(epoch=self.epoch, n_epoch=self.n_epoch, meta=self.meta, model=model.state_dict(), cbs=cbs,
                          opt=to_plain(self.learn.opt.state_dict()), rng=rng_state(),
+                         loaders=[loader_rng_state(dl) for dl in self.learn.dls.loaders],
                          history=self.history + [[float(v) for v in row] for row in self.learn.recorder.values if len(row)],
                          metric_names=[str(n) for n in self.learn.recorder.metric_names[1:-1]]), self.last)
         self.n_saved += 1
@@ -74,13 +102,17 @@ class CheckpointCallback(Callback):
     def after_fit(self):
         if is_main_process() and self.epoch == self.n_epoch - 1 and getattr(self, "_trained", False):
             atomic_save(getattr(self.learn.model, "module", self.learn.model).state_dict(), self.out_dir/"model.pth")
+            ema = getattr(self.learn, "model_ema", None)
+            if ema is not None: atomic_save(getattr(ema, "module", ema).state_dict(), self.out_dir/"model_ema.pth")
 
     def restore(self, learn:Learner) -> int:
-        "Load `last.pth` into `learn` (model, optimiser, RNG) and return the next epoch; 0 if there is none."
+        "Load `last.pth` into `learn` (model, optimiser, callbacks, RNGs, loaders) and return the next epoch; 0 if there is none."
         if not self.last.exists(): return 0
-        ck = torch.load(self.last, map_location="cpu", weights_only=True)
+        ck = load_checkpoint(self.last)
         if self.meta.get("recipe") and ck["meta"].get("recipe") not in (None, self.meta["recipe"]):
-            raise ValueError(f"--resume: {self.last} belongs to recipe {ck['meta'].get('recipe')!r}, not {self.meta['recipe']!r}")
+            raise CheckpointError(f"--resume: {self.last} belongs to recipe {ck['meta'].get('recipe')!r}, not {self.meta['recipe']!r}")
+        if len(ck["loaders"]) != len(learn.dls.loaders):
+            raise CheckpointError(f"{self.last} holds the state of {len(ck['loaders'])} data loaders, the recipe builds {len(learn.dls.loaders)}")
         for cb in learn.cbs:  # callbacks that change the model (pruning, growing) restore their state first
             name = type(cb).__name__
             if hasattr(cb, "load_checkpoint_state") and name in ck.get("cbs", {}): cb.load_checkpoint_state(ck["cbs"][name])
@@ -88,23 +120,96 @@ class CheckpointCallback(Callback):
         if learn.opt is None: learn.create_opt()
         learn.opt.load_state_dict(ck["opt"])
         set_rng_state(ck["rng"])
+        for dl, st in zip(learn.dls.loaders, ck["loaders"]): set_loader_rng_state(dl, st)
         self.history = ck["history"]  # the finished epochs' rows (skipped epochs log nothing of their own)
         self.start_epoch = ck["epoch"] + 1
         return self.start_epoch
 
 # %% ../nbs/00_core/03_recipes.ipynb #d0778506
 class SkipFinishedEpochs(Callback):
-    "Skip the epochs before `start` (finished by an earlier run) without logging empty rows; loaders advance as if they had run."
+    "Skip the epochs before `start` (finished by an earlier run) without logging empty rows or loading data."
     order = 70
     def __init__(self, start:int): self.start = start
     def before_epoch(self):
         if self.epoch < self.start:
-            for dl in (self.dls.train, self.dls.valid):  # keep the data order of an uninterrupted run
-                if hasattr(dl, "skip_epoch"): dl.skip_epoch()
             self._logger, self.learn.logger = self.learn.logger, noop
             raise CancelEpochException
     def after_epoch(self):
         if self.epoch < self.start: self.learn.logger = self._logger
+
+# %% ../nbs/00_core/03_recipes.ipynb #7b98fd15
+RUN_FILES = ("run.json", "last.pth", "model.pth", "model_ema.pth", "results.json")  # what makes a folder hold a run
+PROVENANCE = ("recipe", "epochs", "smoke", "seed")  # what a resumed run must share with the run it continues
+
+def run_info(out_dir:Path) -> dict|None:
+    "What `out_dir` holds: None for no run, else dict(meta, finished, done, files, error) read from `run.json` (or `last.pth`)."
+    files = [f for f in RUN_FILES if (out_dir/f).exists()]
+    if not files: return None
+    meta, done, error = None, None, None
+    if (out_dir/"run.json").exists():
+        try: meta = json.loads((out_dir/"run.json").read_text())
+        except ValueError as e: raise RunFolderError(f"{out_dir/'run.json'} is not valid json ({e}); move the folder aside or pass overwrite") from None
+    if (out_dir/"last.pth").exists():
+        try: ck = load_checkpoint(out_dir/"last.pth"); done = ck["epoch"] + 1; meta = meta or ck["meta"]
+        except CheckpointError as e: error = e  # only a resume needs it; overwrite moves it aside all the same
+    finished = (out_dir/"model.pth").exists() or (out_dir/"results.json").exists()
+    return dict(meta=meta or {}, finished=finished, done=done, files=files, error=error)
+
+def _describe(info:dict) -> str:
+    m = info["meta"]
+    what = ", ".join(f"{k}={m[k]!r}" for k in PROVENANCE if k in m) or "unknown settings (no run.json)"
+    if info["finished"]: return f"a finished run ({what})"
+    done = f"{info['done']} of {m.get('epochs', '?')} epochs done" if info["done"] else "no epoch done"
+    return f"an unfinished run ({done}; {what})"
+
+def remove_stale_temps(out_dir:Path) -> list:
+    "Delete the temp files an interrupted `atomic_write` left in `out_dir` (`.NAME.XXXX.tmp`); return their names."
+    stale = sorted(p for p in out_dir.glob(".*.tmp") if p.is_file())
+    for p in stale: p.unlink()
+    return [p.name for p in stale]
+
+@contextlib.contextmanager
+def run_lock(out_dir:Path):
+    "Hold `out_dir/.lock` (an advisory `flock`) for the length of a run; refuse if another process holds it."
+    import fcntl
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir/".lock", "a") as f:
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFolderError(f"another process is running in {out_dir} (it holds {out_dir/'.lock'}); wait for it or choose another out_dir") from None
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+def prepare_run_folder(out_dir:Path, meta:dict, resume:bool=False, overwrite:bool=False) -> dict|None:
+    "Check `out_dir` against the table above (move an old run aside with `overwrite`) and clean stale temp files; return the run being resumed (None: a new run)."
+    if resume and overwrite: raise RunFolderError("resume and overwrite contradict each other: --resume continues the run in the folder, --overwrite replaces it")
+    info = run_info(out_dir)
+    if info is None and resume:
+        raise RunFolderError(f"--resume: {out_dir} holds no run to resume (none of {', '.join(RUN_FILES)}); drop --resume to start a new run")
+    if info is not None and not resume:
+        if not overwrite:
+            raise RunFolderError(f"{out_dir} already holds {_describe(info)}: pass --resume to continue it, --overwrite to move it "
+                                 "aside and start a new one, or choose another --out")
+        aside = out_dir.with_name(f"{out_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside.mkdir()
+        for p in out_dir.iterdir():
+            if p.name != ".lock": p.rename(aside/p.name)
+        print(f"moved the previous run in {out_dir} ({_describe(info)}) to {aside}")
+        info = None
+    if info is not None:
+        if info["error"] is not None: raise info["error"]
+        old = info["meta"]
+        diff = [f"{k}: run {old.get(k, '(unknown)')!r}, asked {meta[k]!r}" for k in PROVENANCE if old.get(k) != meta[k]]
+        if diff:
+            raise RunFolderError(f"--resume: {out_dir} holds {_describe(info)}, not the run asked for ({'; '.join(diff)}); resume "
+                                 "with the run's settings, or start a new run in another --out")
+    stale = remove_stale_temps(out_dir)
+    if stale: print(f"removed {len(stale)} partial file(s) an interrupted save left in {out_dir}: {', '.join(stale)}")
+    return info
+
+def write_run_json(out_dir:Path, meta:dict):
+    "Record what the run is (`meta`) in `out_dir/run.json` — once the recipe has built, so a typo in the data path leaves no run behind."
+    atomic_write_text(out_dir/"run.json", json.dumps(dict(meta, started=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1))
 
 # %% ../nbs/00_core/03_recipes.ipynb #4bce37da
 def train(name:str, # a registered recipe
@@ -112,42 +217,54 @@ def train(name:str, # a registered recipe
           epochs:int|None=None, # default: the paper's epochs (or the smoke epochs with `smoke`)
           smoke:bool=False, # shrink the setting for a seconds-long CPU check on fixture data
           out_dir:str|Path|None=None, # run folder (default `runs/NAME`)
-          resume:bool=False, # continue from `out_dir/last.pth` if it exists
+          resume:bool=False, # continue the run in `out_dir` (same recipe, epochs, smoke and seed)
           seed:int=0, # seed for model init and data order (the same on every rank)
           audit:str|Path|None=None, # write per-rank data/parameter audits here (see `DistributedAudit`)
           quiet:bool=False, # no progress bars or epoch table
+          overwrite:bool=False, # move a run already in `out_dir` aside (to `NAME.replaced-<time>`) and start afresh
          ) -> Learner|dict:
     "Run recipe `name` on `data`; checkpoints go to `out_dir`. Returns the trained `Learner` (a `kind='run'` recipe: its results dict)."
     r = get_recipe(name)
     if epochs is None: epochs = r.smoke_epochs if smoke else r.epochs
-    if not isinstance(epochs, int) or epochs < 1: raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1: raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if not torch.cuda.is_available(): set_cpu_threads()
     elif "LOCAL_RANK" in os.environ: torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process, before any loader picks a device
-    out_dir = Path(out_dir or Path("runs")/name)
-    set_seed(seed)
-    if r.kind == "run": return _run_measurement(r, Path(data), epochs, smoke, out_dir)
-    learn = r.fn(Path(data), epochs=epochs, smoke=smoke)
-    if not isinstance(learn, Learner): raise TypeError(f"recipe {name!r} returned {type(learn).__name__}, expected a fastai Learner")
-    ckpt = CheckpointCallback(out_dir, meta=dict(recipe=name, epochs=epochs, smoke=smoke, seed=seed))
-    start = ckpt.restore(learn) if resume else 0
-    if start >= epochs:
-        if is_main_process(): print(f"{name}: all {epochs} epochs already done in {ckpt.last}")
+    out_dir = Path(out_dir or Path("runs")/name).expanduser()
+    meta = dict(recipe=name, epochs=epochs, smoke=bool(smoke), seed=seed)
+    with (run_lock(out_dir) if is_main_process() else contextlib.nullcontext()):
+        new = prepare_run_folder(out_dir, meta, resume=resume, overwrite=overwrite) is None if is_main_process() else False
+        set_seed(seed)
+        if r.kind == "run":
+            if new: write_run_json(out_dir, meta)
+            return _run_measurement(r, Path(data), epochs, smoke, out_dir)
+        learn = r.fn(Path(data), epochs=epochs, smoke=smoke)
+        if not isinstance(learn, Learner): raise TypeError(f"recipe {name!r} returned {type(learn).__name__}, expected a fastai Learner")
+        if new: write_run_json(out_dir, meta)
+        ckpt = CheckpointCallback(out_dir, meta=meta)
+        start = ckpt.restore(learn) if resume else 0
+        if start >= epochs:
+            if is_main_process(): print(f"{name}: all {epochs} epochs already done in {ckpt.last}")
+            return learn
+        if resume and is_main_process():
+            print(f"{name}: resuming from {ckpt.last} at epoch {start}/{epochs}" if start else
+                  f"{name}: {out_dir} has no finished epoch yet — starting at epoch 0/{epochs}")
+        cbs = [ckpt, SkipFinishedEpochs(start)]
+        if is_distributed():  # needs accelerate (the `dist` extra); a single-process run never imports it
+            from xwlearn.distributed import XWDistributedTrainer
+            cbs.append(XWDistributedTrainer())
+        if audit:
+            from xwlearn.distributed import DistributedAudit
+            cbs.append(DistributedAudit(audit))
+        if quiet or not is_main_process():
+            with learn.no_bar(), learn.no_logging(): learn.fit(epochs, cbs=cbs)
+        else: learn.fit(epochs, cbs=cbs)
         return learn
-    if resume and start and is_main_process(): print(f"{name}: resuming from {ckpt.last} at epoch {start}/{epochs}")
-    cbs = [ckpt, SkipFinishedEpochs(start)]
-    if is_distributed():  # needs accelerate (the `dist` extra); a single-process run never imports it
-        from xwlearn.distributed import XWDistributedTrainer
-        cbs.append(XWDistributedTrainer())
-    if audit:
-        from xwlearn.distributed import DistributedAudit
-        cbs.append(DistributedAudit(audit))
-    if quiet or not is_main_process():
-        with learn.no_bar(), learn.no_logging(): learn.fit(epochs, cbs=cbs)
-    else: learn.fit(epochs, cbs=cbs)
-    return learn
 
 def _run_measurement(r:Recipe, data:Path, epochs:int, smoke:bool, out_dir:Path) -> dict:
-    "A `kind='run'` recipe: call it, write its results to `out_dir/results.json` atomically, return them."
+    "A `kind='run'` recipe: call it, write its results to `out_dir/results.json` atomically, return them; a finished one is not re-run."
+    if (out_dir/"results.json").exists():  # only reachable with resume (prepare_run_folder refuses otherwise)
+        print(f"{r.name}: already done — results in {out_dir/'results.json'}")
+        return json.loads((out_dir/"results.json").read_text())["results"]
     res = r.fn(data, epochs=epochs, smoke=smoke, out_dir=out_dir)
     if not isinstance(res, dict): raise TypeError(f"recipe {r.name!r} (kind='run') returned {type(res).__name__}, expected a dict")
     if is_main_process():
@@ -156,12 +273,15 @@ def _run_measurement(r:Recipe, data:Path, epochs:int, smoke:bool, out_dir:Path) 
 
 # %% ../nbs/00_core/03_recipes.ipynb #71dd79df
 @recipe("smoke_cifar10", paper=None, dataset="cifar10", epochs=3, smoke_epochs=3,
-        description="tiny CNN, CIFAR-10 layout, SGD + cosine schedule: the infrastructure test recipe")
-def smoke_cifar10(data:Path, epochs:int, smoke:bool=False) -> Learner:
+        description="tiny CNN, CIFAR-10 layout, SGD + cosine schedule, crop + flip augmentation: the infrastructure test recipe")
+def smoke_cifar10(data:Path, epochs:int, smoke:bool=False,
+                  num_workers:int|None=None, # loader worker processes; None: 2 (0 with `smoke`) — the kill tests exercise workers
+                 ) -> Learner:
     from fastai.callback.schedule import ParamScheduler, SchedCos
     from xwlearn.data import cifar10_dls
-    dls = cifar10_dls(data, bs=16 if smoke else 128, augment=not smoke)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+    dls = cifar10_dls(data, bs=128, augment=True, smoke=smoke,
+                      num_workers=(0 if smoke else 2) if num_workers is None else num_workers)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Dropout(0.1),
                                 torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
     from fastai.optimizer import SGD

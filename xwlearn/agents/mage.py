@@ -13,7 +13,8 @@ from typing import Callable, Protocol, runtime_checkable
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['Node', 'ExecTree', 'AgentState', 'LLM', 'act_prompt', 'summarize_prompt', 'validate_prompt', 'Memory', 'MageMemory']
+__all__ = ['Node', 'ExecTree', 'AgentState', 'LLM', 'act_prompt', 'summarize_prompt', 'validate_prompt', 'Memory',
+           'parse_verdict', 'MageMemory']
 
 # %% ../../nbs/80_llm/10_agents.mage.ipynb #d84a0504
 from ..llm.core import approx_tokens
@@ -209,6 +210,24 @@ class Memory:
     def lines(self, idx): return [f"[{i}] {self.steps[i]}" for i in idx]
     def render(self) -> str: raise NotImplementedError
 
+# %% ../../nbs/80_llm/10_agents.mage.ipynb #e5bdc8a8
+_VERDICT = re.compile(r"(OK|FAIL)\b[\s*`'\"]*(\d+)?[\s*`'\"]*(?:[|:\-–—]\s*)?(.*)", re.I)
+
+def parse_verdict(reply:str) -> tuple:
+    "('ok' | 'fail' | 'unparsed', target or None, diagnosis) of a validator reply: `OK`, `FAIL <target> | <diagnosis>` or JSON."
+    text = reply.strip()
+    if text.startswith("{"):
+        try: d = json.loads(text)
+        except json.JSONDecodeError: d = None
+        if isinstance(d, dict) and str(d.get("verdict", "")).upper() in ("OK", "FAIL"):
+            t = d.get("target")
+            t = int(t) if isinstance(t, int) or (isinstance(t, str) and t.isdigit()) else None
+            return str(d["verdict"]).lower(), t, str(d.get("diagnosis", "")).strip().split("\n")[0]
+    m = _VERDICT.match(text.split("\n", 1)[0].strip().lstrip("*`'\" "))
+    if not m: return "unparsed", None, ""
+    if m[1].upper() == "OK": return "ok", None, ""
+    return "fail", int(m[2]) if m[2] else None, m[3].strip()
+
 # %% ../../nbs/80_llm/10_agents.mage.ipynb #d0b0783c
 class MageMemory(Memory):
     "MAGE: the execution-state tree with Grow, Compress, Maintain and Revise (each can be switched off)."
@@ -219,7 +238,7 @@ class MageMemory(Memory):
         self.name = "MAGE" + "".join(f" −{o}" for o in off)
 
     def reset(self, task, aux, count=approx_tokens):
-        super().reset(task, aux, count); self.tree, self.n_fail = ExecTree(task), 0
+        super().reset(task, aux, count); self.tree, self.n_fail, self.n_unparsed = ExecTree(task), 0, 0
 
     def _aux(self, prompt):
         out = self.aux(prompt); self.aux_tokens += self.count(prompt) + self.count(out)
@@ -240,12 +259,13 @@ class MageMemory(Memory):
         summary = self._aux(summarize_prompt(self.task, steps)).strip().split("\n")[0][:400] if self.compress else "(not compressed)"
         sid = t.compress(summary or "(empty summary)")                                 # Compress
         if not self.maintain: return
-        m = re.match(r"\s*FAIL\s+(\d+)\s*\|\s*(.+)", self._aux(validate_prompt(self.task, before, steps, summary, start)))
-        if not m: return                                                               # Maintain: OK
+        verdict, target, note = parse_verdict(self._aux(validate_prompt(self.task, before, steps, summary, start)))
+        self.n_unparsed += verdict == "unparsed"
+        if verdict != "fail": return                                                   # Maintain: OK (or unreadable, counted)
         self.n_fail += 1
-        note = m[2].strip().split("\n")[0]
+        note = note or "(the validator gave no diagnosis)"
         t.annotate(sid, note)
-        if self.revise and int(m[1]) in t.boundaries(): t.revise(int(m[1]), hint=note); self.revisions += 1  # Revise
+        if self.revise and target in t.boundaries(): t.revise(target, hint=note); self.revisions += 1  # Revise
         else: t.hints.append(note)
 
     def render(self): return self.tree.render(expand=not self.compress)

@@ -6,10 +6,11 @@ Docs: https://xwlearn.github.io/xwlearn/80_llm/llm.core.html.md"""
 
 # %% ../../nbs/80_llm/00_llm.core.ipynb #51531660
 from __future__ import annotations
-import importlib.util, os, re, shutil, time
+import hashlib, importlib.util, os, re, shutil, time
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
@@ -48,7 +49,8 @@ def _private(dest:Path) -> Path:
     return dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
 
 # %% ../../nbs/80_llm/00_llm.core.ipynb #9587d299
-_LOADED = {}  # (path, dtype, device) -> (model, tokenizer): one load per session
+_LOADED = {}   # (path, GGUF content key or None, dtype, device) -> (model, tokenizer): one load per session
+_DIGESTS = {}  # (resolved path, size, mtime_ns) -> sha256 of a GGUF file: each file is hashed once per session
 
 def _resolve(path) -> tuple[Path, Path|None]:
     "(path, GGUF file or None) of an HF folder, a .gguf file or a folder holding one; `None`: SmolLM2 from the wheel."
@@ -60,7 +62,19 @@ def _resolve(path) -> tuple[Path, Path|None]:
     if g is None: raise FileNotFoundError(f"{path} holds neither config.json (an HF model folder) nor a .gguf file")
     return path, g
 
-def _gguf_cache(gguf:Path) -> Path: return cache_dir()/gguf.stem.lower()
+def _gguf_key(gguf:Path) -> str:
+    "`<size>-<sha256 prefix>` of a GGUF file's bytes; a file without the GGUF magic is refused."
+    with open(gguf, "rb") as f: magic = f.read(4)
+    if magic != b"GGUF": raise ValueError(f"{gguf} is not a GGUF file: it starts with {magic!r}, a GGUF file starts with b'GGUF'")
+    st = gguf.stat(); k = (str(gguf.resolve()), st.st_size, st.st_mtime_ns)
+    if k not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(gguf, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
+        _DIGESTS[k] = h.hexdigest()
+    return f"{st.st_size}-{_DIGESTS[k][:16]}"
+
+def _gguf_cache(gguf:Path) -> Path: return cache_dir()/f"{gguf.stem.lower()}-{_gguf_key(gguf)}"
 
 def _convert_gguf(gguf:Path) -> Path:
     "Dequantise `gguf` once into an ordinary float32 HF folder (model + tokenizer) under `cache_dir()`; return the folder."
@@ -81,7 +95,7 @@ def load_causal_lm(path:str|Path|None=None, # HF model folder, a .gguf file, or 
                   ):
     "(model, tokenizer) of a local causal LM in eval mode; a GGUF file is dequantised once and cached under `cache_dir()`."
     path, gguf = _resolve(path)
-    key = (str(path), dtype, str(device))
+    key = (str(path), _gguf_key(gguf) if gguf is not None else None, dtype, str(device))
     if key in _LOADED: return _LOADED[key]
     tf = require("transformers", extra="llm")
     src = _convert_gguf(gguf) if gguf is not None else path
@@ -91,13 +105,14 @@ def load_causal_lm(path:str|Path|None=None, # HF model folder, a .gguf file, or 
     return model, tok
 
 # %% ../../nbs/80_llm/00_llm.core.ipynb #88dd62d3
-_TOKENIZERS = {}
+_TOKENIZERS = {}  # (path, GGUF content key or None) -> tokenizer
 
 def load_tokenizer(path:str|Path|None=None, # as in `load_causal_lm`
                   ):
     "The tokenizer of a local causal LM; from a GGUF file, converted once (without the weights) and cached under `cache_dir()`."
     path, gguf = _resolve(path)
-    if str(path) in _TOKENIZERS: return _TOKENIZERS[str(path)]
+    key = (str(path), _gguf_key(gguf) if gguf is not None else None)
+    if key in _TOKENIZERS: return _TOKENIZERS[key]
     tf = require("transformers", extra="llm")
     src = path
     if gguf is not None:
@@ -109,7 +124,7 @@ def load_tokenizer(path:str|Path|None=None, # as in `load_causal_lm`
                 tmp = _private(src)
                 tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
                 _publish(tmp, src)
-    _TOKENIZERS[str(path)] = tok = tf.AutoTokenizer.from_pretrained(src)
+    _TOKENIZERS[key] = tok = tf.AutoTokenizer.from_pretrained(src)
     return tok
 
 _TOK_RE = re.compile(r"\w+|[^\w\s]")
@@ -160,24 +175,34 @@ class ChatLM:
         return self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 # %% ../../nbs/80_llm/00_llm.core.ipynb #97caeb2b
+def _endpoint(url:str) -> tuple[str, str]:
+    "(API base URL, chat-completions URL) from a server address, an API base (`.../v1`) or the full endpoint URL."
+    u = urlsplit(url.strip())
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError("OpenAIChat: base_url must be an http(s) URL with a host, e.g. http://localhost:8000/v1 or "
+                         f"http://localhost:8000/v1/chat/completions; got {url!r}")
+    path = u.path.rstrip("/")
+    if path.endswith("/chat/completions"): path = path[:-len("/chat/completions")]   # a pasted endpoint URL
+    elif not re.search(r"/v\d+$", path): path += "/v1"                               # a bare server address
+    base = urlunsplit((u.scheme, u.netloc, path, "", ""))
+    return base, base + "/chat/completions" + (f"?{u.query}" if u.query else "")
+
 class OpenAIChat:
     "Any OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp server, hosted APIs), configured by the user."
-    def __init__(self, base_url:str|None=None, # e.g. http://localhost:8000/v1 (env XWLEARN_LLM_BASE_URL)
+    def __init__(self, base_url:str|None=None, # http://host:8000, http://host:8000/v1 or .../v1/chat/completions (env XWLEARN_LLM_BASE_URL)
                  model:str|None=None, # the served model name (env XWLEARN_LLM_MODEL)
                  api_key:str|None=None, # bearer token (env OPENAI_API_KEY; empty: no header)
                  temperature:float=0.0, max_tokens:int=256, timeout:float=120.0,
                  retries:int=3, # retries on connection errors, 429 and 5xx, with exponential back-off
                  session=None, # a `requests.Session`-like object with `.post` (tests pass a fake)
                 ):
-        self.base_url = (base_url or os.environ.get("XWLEARN_LLM_BASE_URL") or "").rstrip("/")
+        base_url = base_url or os.environ.get("XWLEARN_LLM_BASE_URL") or ""
         self.model = model or os.environ.get("XWLEARN_LLM_MODEL")
-        if not self.base_url or not self.model:
+        if not base_url or not self.model:
             raise ValueError("OpenAIChat needs base_url and model (or env XWLEARN_LLM_BASE_URL and XWLEARN_LLM_MODEL)")
+        self.base_url, self.url = _endpoint(base_url)
         self.api_key = os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key
         self.temperature, self.max_tokens, self.timeout, self.retries, self.session = temperature, max_tokens, timeout, retries, session
-
-    @property
-    def url(self) -> str: return self.base_url + ("/chat/completions" if self.base_url.endswith("/v1") else "/v1/chat/completions")
 
     def request(self, prompt:str) -> dict:
         "The HTTP request this prompt becomes: url, headers, JSON body."

@@ -20,6 +20,11 @@ __all__ = ['attention_lse', 'merge_attention', 'relay_attention', 'RelayLM', 'st
 def _check_qkv(fn, q, k, v, qn='q', kn='k', vn='v', batched=True):
     "Validate shapes for attention of `q` over `k`, `v`; errors name the offending argument. Returns (B, H, M, D, H_kv, N)."
     nd = 4 if batched else 3
+    for n, t in ((qn, q), (kn, k), (vn, v)):
+        if not isinstance(t, Tensor): raise TypeError(f"{fn}: {n} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point: raise TypeError(f"{fn}: {n} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dtype != q.dtype: raise TypeError(f"{fn}: {n} has dtype {t.dtype} but {qn} has {q.dtype}; "
+                                               "queries, keys and values must share one dtype (as in SDPA)")
     if q.dim() != 4: raise ValueError(f"{fn}: {qn} must be (B, H, M, D), got shape {tuple(q.shape)}")
     for n, t in ((kn, k), (vn, v)):
         if t.dim() != nd: raise ValueError(f"{fn}: {n} must be ({'B, ' if batched else ''}H_kv, N, D), got shape {tuple(t.shape)}")
@@ -34,18 +39,27 @@ def _check_qkv(fn, q, k, v, qn='q', kn='k', vn='v', batched=True):
                                              "(grouped-query attention needs H % H_kv == 0)")
     return B, H, M, D, Hkv, N
 
+def _check_lens(fn, name, lens, B, N):
+    "Validate per-row key lengths: a (B,) integer tensor with 0 ≤ lens[b] ≤ N (one host sync)."
+    if lens is None: return
+    if not isinstance(lens, Tensor): raise TypeError(f"{fn}: {name} must be a (B,) integer tensor, got {type(lens).__name__}")
+    if lens.dtype.is_floating_point or lens.dtype.is_complex or lens.dtype == torch.bool:
+        raise TypeError(f"{fn}: {name} must be an integer tensor, got dtype {lens.dtype}")
+    if tuple(lens.shape) != (B,): raise ValueError(f"{fn}: {name} must have shape ({B},), got {tuple(lens.shape)}")
+    if B and bool(((lens < 0) | (lens > N)).any()):
+        raise ValueError(f"{fn}: {name} must lie in [0, {N}] (the key length it indexes), got {lens.tolist()}")
+
 # %% ../../nbs/80_llm/01_llm.relay.ipynb #997544ed
 def attention_lse(q:Tensor, # queries (B, H, M, D)
                   k:Tensor, # keys (B, H_kv, N, D), H % H_kv == 0 (GQA)
                   v:Tensor, # values (B, H_kv, N, D)
                   scale:float|None=None, # score scale; default D ** -0.5
                   causal:bool=False, # query i sees keys j <= N - M + i (queries aligned to the end of the keys)
-                  kv_lens:Tensor|None=None, # (B,) int: keys j >= kv_lens[b] are padding and masked (padding must be finite)
+                  kv_lens:Tensor|None=None, # (B,) int in [0, N]: keys j >= kv_lens[b] are padding and masked (padding must be finite)
                  ) -> tuple[Tensor, Tensor]: # out (B, H, M, D) in q's dtype, lse (B, H, M) float32 (float64 for float64 q), natural log
     "Softmax attention that also returns the log-sum-exp of the scores; computed in float32 (float64 inputs: float64)."
     B, H, M, D, Hkv, N = _check_qkv('attention_lse', q, k, v)
-    if kv_lens is not None and tuple(kv_lens.shape) != (B,):
-        raise ValueError(f"attention_lse: kv_lens must have shape ({B},), got {tuple(kv_lens.shape)}")
+    _check_lens('attention_lse', 'kv_lens', kv_lens, B, N)
     g, scale = H // Hkv, D ** -0.5 if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)                # float32 accumulation, float64 kept
     qg = q.to(acc).reshape(B, Hkv, g * M, D)                       # query heads sharing a KV head: one product
@@ -69,6 +83,9 @@ def merge_attention(out1:Tensor, # (..., D) attention output over the first key 
                     lse2:Tensor, # (...) its log-sum-exp
                    ) -> tuple[Tensor, Tensor]: # out (..., D) in out1's dtype, lse (...) float32 (float64 for float64 inputs)
     "Exact attention over the union of two key sets from the two partial attentions (computed in float32 or float64)."
+    for n, t in (('out1', out1), ('lse1', lse1), ('out2', out2), ('lse2', lse2)):
+        if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"merge_attention: {n} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     if out1.shape != out2.shape: raise ValueError(f"merge_attention: out1 {tuple(out1.shape)} and out2 {tuple(out2.shape)} differ")
     if lse1.shape != out1.shape[:-1] or lse2.shape != out1.shape[:-1]:
         raise ValueError(f"merge_attention: lse1 {tuple(lse1.shape)} / lse2 {tuple(lse2.shape)} must be out's shape without "
@@ -87,12 +104,13 @@ def relay_attention(q:Tensor, # queries (B, H, M, D)
                     k_req:Tensor, # per-request keys (B, H_kv, L_req, D)
                     v_req:Tensor, # per-request values (B, H_kv, L_req, D)
                     scale:float|None=None, # default D ** -0.5
-                    req_lens:Tensor|None=None, # (B,) valid request lengths; keys beyond are padding
+                    req_lens:Tensor|None=None, # (B,) integer valid request lengths in [0, L_req]; keys beyond are padding
                     causal:bool=False, # causal mask on the request part only (as in `attention_lse`)
                    ) -> Tensor: # (B, H, M, D) in q's dtype
     "Attention of `q` over [system; request] keys: the system part for all B·M queries at once, the request part per request, merged by log-sum-exps."
     B, H, M, D, Hkv, Ls = _check_qkv('relay_attention', q, k_sys, v_sys, 'q', 'k_sys', 'v_sys', batched=False)
-    _check_qkv('relay_attention', q, k_req, v_req, 'q', 'k_req', 'v_req')
+    Lr = _check_qkv('relay_attention', q, k_req, v_req, 'q', 'k_req', 'v_req')[-1]
+    _check_lens('relay_attention', 'req_lens', req_lens, B, Lr)
     if k_req.shape[1] != Hkv: raise ValueError(f"relay_attention: k_req has {k_req.shape[1]} KV heads, k_sys has {Hkv}")
     # 1. system part: the batch's queries form ONE sequence of B*M queries against the single system KV (no mask)
     q1 = q.transpose(0, 1).reshape(1, H, B * M, D)

@@ -6,7 +6,7 @@ Docs: https://xwlearn.github.io/xwlearn/10_normalization/norm.kalman.html.md"""
 
 # %% ../../nbs/10_normalization/02_norm.kalman.ipynb #0fccc32c
 from __future__ import annotations
-import math
+import contextlib, math
 
 import torch
 from torch import nn, Tensor
@@ -137,11 +137,14 @@ class _BatchKalmanNorm(nn.Module):
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         B, C = x.shape[:2]
-        mu, var, n = grouped_moments(x, self.group_size)                # observation (G, C)
-        mu_o, var_o, pe = mu, var, torch.zeros((), device=x.device, dtype=x.dtype)
+        xs = x.to(torch.promote_types(x.dtype, self.running_mean.dtype))  # autocast: bf16/fp16 x, statistics in float32
+        mu, var, n = grouped_moments(xs, self.group_size)               # observation (G, C)
+        mu_o, var_o, pe = mu, var, torch.zeros((), device=x.device, dtype=xs.dtype)
         est = self._link[0].estimate() if self._link and self.p > 0 else None
         if est is not None:
-            mu_p, var_p = predict_moments(est[0], est[1], est[2], self._link[1], self._link[2], self.mc_samples)
+            dev = x.device.type                                         # the prediction in the estimate's precision, too
+            with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():
+                mu_p, var_p = predict_moments(est[0], est[1], est[2], self._link[1], self._link[2], self.mc_samples)
             if mu_p.shape != mu.shape: raise RuntimeError(f"predicted statistics {tuple(mu_p.shape)} do not match the observed "
                                                           f"{tuple(mu.shape)}: linked layers must use the same group_size")
             mu, var, pe = kalman_update(mu_o, var_o, mu_p, var_p, self.p, self.fallback_ratio, self.eps)
@@ -150,13 +153,14 @@ class _BatchKalmanNorm(nn.Module):
         with torch.no_grad():                                           # running estimates (unbiased observation)
             self.num_batches_tracked += 1
             f = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
-            self.running_mean.lerp_(mu.detach().mean(0), f)
-            self.running_var.lerp_((var + (1 - pe) * var_o / (n - 1)).detach().mean(0), f)
+            rdt = self.running_mean.dtype                               # kept in their own dtype (float32 under autocast)
+            self.running_mean.lerp_(mu.detach().mean(0).to(rdt), f)
+            self.running_var.lerp_((var + (1 - pe) * var_o / (n - 1)).detach().mean(0).to(rdt), f)
         G, rest = mu.shape[0], (1,) * (x.dim() - 2)
-        xg = x.reshape(G, B // G, C, *x.shape[2:])
+        xg = xs.reshape(G, B // G, C, *x.shape[2:])
         y = ((xg - mu.view(G, 1, C, *rest)) * torch.rsqrt(var.view(G, 1, C, *rest) + self.eps)).reshape(x.shape)
         if self.affine: y = y * self.weight.view(1, C, *rest) + self.bias.view(1, C, *rest)
-        return y
+        return y.to(x.dtype)                                            # autocast: x's dtype, as nn.BatchNorm
 
 class BatchKalmanNorm1d(_BatchKalmanNorm):
     "Batch Kalman Normalization for (B, C) or (B, C, L) inputs (after `nn.Linear` or `nn.Conv1d`)."

@@ -6,7 +6,7 @@ Docs: https://xwlearn.github.io/xwlearn/20_optimization/optim.adax.html.md"""
 
 # %% ../../nbs/20_optimization/01_optim.adax.ipynb #dac35d42
 from __future__ import annotations
-import math
+import math, numbers, warnings
 from functools import partial
 
 import torch
@@ -14,8 +14,8 @@ from torch import Tensor
 from fastai.optimizer import Optimizer, weight_decay, l2_reg, average_grad, step_stat
 
 # %% auto #0
-__all__ = ['log_adax_bias_correction', 'adax_beta2_hat', 'adax_eps_hat', 'adax', 'AdaX', 'AdaXW', 'adax_sqr_avg', 'adax_step',
-           'AdaXOpt']
+__all__ = ['ADAX_STATE_FORMAT', 'log_adax_bias_correction', 'adax_beta2_hat', 'adax_eps_hat', 'AdaXBeta2Warning', 'adax', 'AdaX',
+           'AdaXW', 'adax_sqr_avg', 'adax_step', 'AdaXOptimizer', 'AdaXOpt']
 
 # %% ../../nbs/20_optimization/01_optim.adax.ipynb #736304c8
 def log_adax_bias_correction(step:float, # t ≥ 1
@@ -45,15 +45,35 @@ def adax_eps_hat(step:float, # t ≥ 1
     return eps * _inv_bias_correction(step, beta2, 0.5)
 
 # %% ../../nbs/20_optimization/01_optim.adax.ipynb #d64492a2
-def _check_adax_hypers(lr, betas, eps, weight_decay, names=('lr', 'betas', 'eps', 'weight_decay')):
-    "Raise `ValueError` naming the first invalid AdaX hyper-parameter."
+class AdaXBeta2Warning(UserWarning):
+    "β₂ > 0.01 given to AdaX: most likely Adam's decay rate (0.999); AdaX's β₂ is a growth rate, typically 1e-4."
+
+def _check_adax_hypers(lr, betas, eps, weight_decay, names=('lr', 'betas', 'eps', 'weight_decay'), warn:bool=True):
+    "Raise `ValueError` naming the first invalid AdaX hyper-parameter; warn (`AdaXBeta2Warning`) on an Adam-like β₂."
     n_lr, n_betas, n_eps, n_wd = names
-    if isinstance(lr, (int, float)) and not 0.0 <= lr: raise ValueError(f"Invalid {n_lr}: {lr} (must be >= 0)")  # (slices: fastai)
+    if isinstance(lr, Tensor):                                           # as torch's Adam: a one-element real tensor
+        if lr.numel() != 1 or lr.dtype.is_complex or lr.dtype == torch.bool:
+            raise ValueError(f"Invalid {n_lr}: a tensor {n_lr} must hold one real number, got shape {tuple(lr.shape)}, dtype {lr.dtype}")
+        lr = lr.item()
+    if isinstance(lr, numbers.Real) and not 0.0 <= lr < math.inf:       # (other types, e.g. a fastai slice, pass)
+        raise ValueError(f"Invalid {n_lr}: {lr} (must be finite and >= 0)")
     b1, b2 = betas
     if not 0.0 <= b1 < 1.0: raise ValueError(f"Invalid {n_betas}[0] (β₁): {b1} (must be in [0, 1))")
     if not 0.0 < b2 < 1.0: raise ValueError(f"Invalid {n_betas}[1] (β₂): {b2} (must be in (0, 1); β₂ = 0 makes every step zero)")
-    if not 0.0 <= eps: raise ValueError(f"Invalid {n_eps}: {eps} (must be >= 0)")
-    if not 0.0 <= weight_decay: raise ValueError(f"Invalid {n_wd}: {weight_decay} (must be >= 0)")
+    if not 0.0 <= eps < math.inf: raise ValueError(f"Invalid {n_eps}: {eps} (must be finite and >= 0)")
+    if not 0.0 <= weight_decay < math.inf: raise ValueError(f"Invalid {n_wd}: {weight_decay} (must be finite and >= 0)")
+    if warn and b2 > 0.01:
+        warnings.warn(f"{n_betas}[1] (β₂) = {b2}: in AdaX β₂ is the growth rate of v's memory, typically 1e-4 "
+                      f"(the official default), not Adam's decay rate (0.999). Silence with "
+                      f"warnings.simplefilter('ignore', AdaXBeta2Warning) if you sweep β₂ on purpose.", AdaXBeta2Warning, stacklevel=3)
+
+def _check_real_params(params, name='params'):
+    "Raise `TypeError` for a complex parameter: AdaX's g² would be g·g, not |g|²."
+    for i, p in enumerate(params):
+        if isinstance(p, (list, tuple)): _check_real_params(p, f"{name}[{i}]")
+        elif isinstance(p, Tensor) and p.is_complex():
+            raise TypeError(f"AdaX: {name}[{i}] is complex ({p.dtype}, shape {tuple(p.shape)}); AdaX supports real "
+                            "floating-point parameters only (optimize torch.view_as_real(p) instead)")
 
 # %% ../../nbs/20_optimization/01_optim.adax.ipynb #ddbcf323
 def _single_tensor_adax(params:list[Tensor], grads:list[Tensor], exp_avgs:list[Tensor], exp_avg_sqs:list[Tensor],
@@ -121,6 +141,46 @@ def adax(params:list[Tensor], # parameters, updated in place
     fn(params, grads, exp_avgs, exp_avg_sqs, state_steps, beta1=beta1, beta2=beta2, lr=lr,
        weight_decay=weight_decay, eps=eps, decoupled_weight_decay=decoupled_weight_decay)
 
+# %% ../../nbs/20_optimization/01_optim.adax.ipynb #71c6a894
+ADAX_STATE_FORMAT = 'xwlearn-adax-vhat'   # state['format']: exp_avg_sq holds the bounded v̂_t (not the official v_t, not Adam's)
+
+def _adax_state_dict_in(sd:dict, # a torch optimizer state_dict: ours, the official AdaX's, or (refused) Adam's
+                        current:list[dict], # this optimizer's param_groups (options the official groups lack come from them)
+                       ) -> dict:
+    "A new state_dict in xwlearn's format (the argument is not modified): official v converted to v̂, Adam's refused."
+    if not isinstance(sd, dict) or not isinstance(sd.get('state'), dict) or not isinstance(sd.get('param_groups'), (list, tuple)):
+        raise ValueError(f"AdaX.load_state_dict: expected a dict with 'state' and 'param_groups', got {type(sd).__name__}"
+                         f"{' with keys ' + str(sorted(sd)) if isinstance(sd, dict) else ''}")
+    state, groups = dict(sd['state']), []
+    for gi, g in enumerate(sd['param_groups']):
+        g = dict(g); b2 = (g.get('betas') or (None, None))[1]
+        official = 'decoupled_weight_decay' not in g and 'amsgrad' not in g
+        for i in g['params']:
+            s = state.get(i)
+            if not s: continue
+            tag = s.get('format')
+            if tag == ADAX_STATE_FORMAT: continue
+            if tag is not None:
+                raise ValueError(f"AdaX.load_state_dict: state[{i}]['format'] is {tag!r}; this AdaX reads {ADAX_STATE_FORMAT!r} "
+                                 "or an untagged official AdaX state")
+            if 'amsgrad' in g or (b2 is not None and b2 > 0.01):
+                raise ValueError(f"AdaX.load_state_dict: param_groups[{gi}]['betas'][1] = {b2}{' and amsgrad' if 'amsgrad' in g else ''}: "
+                                 "this is an Adam state (AdaX's β₂ is a growth rate, typically 1e-4; Adam's decay rate is ~0.999). "
+                                 "Its exp_avg_sq is Adam's moving average, not AdaX's v̂, so resuming from it would mis-scale every "
+                                 "step. Load the model weights only and let AdaX start a fresh state.")
+            if b2 is None or set(s) != {'step', 'exp_avg', 'exp_avg_sq'}:
+                raise ValueError(f"AdaX.load_state_dict: state[{i}] (keys {sorted(s)}, param_groups[{gi}] betas "
+                                 f"{g.get('betas')}) is not an AdaX state")
+            if not official: continue                                      # ours, saved before the tag existed: v̂ already
+            t = int(s['step'])                                             # the official AdaX: int step, growing v_t
+            c = _inv_bias_correction(t, b2) if t > 0 else 1.0
+            state[i] = dict(step=torch.tensor(float(t), dtype=torch.float32), exp_avg=s['exp_avg'], exp_avg_sq=s['exp_avg_sq'] * c)
+        if official and gi < len(current):                                 # keep this optimizer's own options (AdaX-W: decoupled)
+            for k, v in current[gi].items():
+                if k != 'params': g.setdefault(k, v)
+        groups.append(g)
+    return {**sd, 'state': state, 'param_groups': groups}
+
 # %% ../../nbs/20_optimization/01_optim.adax.ipynb #2b2ef048
 class AdaX(torch.optim.Optimizer):
     "AdaX (Li et al. 2020) as a `torch.optim.Optimizer`; the official iterates, with the bounded v̂_t as state."
@@ -140,10 +200,19 @@ class AdaX(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group:dict):
-        "Validate the group's hyper-parameters (defaults filled in) before adding it."
+        "Validate the group's hyper-parameters (defaults filled in) and parameters (real only) before adding it."
         g = {**self.defaults, **{k: v for k, v in param_group.items() if k != 'params'}}
-        _check_adax_hypers(g['lr'], g['betas'], g['eps'], g['weight_decay'])
-        super().add_param_group(param_group)
+        _check_adax_hypers(g['lr'], g['betas'], g['eps'], g['weight_decay'], warn='betas' in param_group)  # defaults: warned once
+        ps = param_group['params']
+        if not isinstance(ps, set): ps = [ps] if isinstance(ps, Tensor) else list(ps)   # (a set: torch's own TypeError)
+        _check_real_params(ps if isinstance(ps, list) else [])
+        super().add_param_group({**param_group, 'params': ps})
+
+    def load_state_dict(self, state_dict:dict):
+        "Load a state saved by this AdaX or by the official AdaX (v → v̂ converted); an Adam state is refused."
+        super().load_state_dict(_adax_state_dict_in(state_dict, self.param_groups))
+        for s in self.state.values():
+            if 'exp_avg_sq' in s: s['format'] = ADAX_STATE_FORMAT       # (torch's loader does not keep str values)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -160,6 +229,7 @@ class AdaX(torch.optim.Optimizer):
                 sdt = torch.float32 if group.get('fused') and low else None     # fused: fp32 state for bf16/fp16 θ
                 state['exp_avg'] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
                 state['exp_avg_sq'] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)  # v̂_t, not v_t
+                state['format'] = ADAX_STATE_FORMAT                              # tells v̂ from the official v and Adam's v
             params.append(p); grads.append(p.grad); steps.append(state['step'])
             exp_avgs.append(state['exp_avg']); exp_avg_sqs.append(state['exp_avg_sq'])
 
@@ -194,7 +264,7 @@ def adax_sqr_avg(p, sqr_mom, step, sqr_avg=None, **kwargs):
     if sqr_avg is None: sqr_avg = torch.zeros_like(p.grad.data)
     b = adax_beta2_hat(step, sqr_mom)
     sqr_avg.mul_(b).addcmul_(p.grad.data, p.grad.data, value=1 - b)
-    return {'sqr_avg': sqr_avg}
+    return {'sqr_avg': sqr_avg, 'format': ADAX_STATE_FORMAT}                    # v̂, as `AdaX`'s exp_avg_sq
 
 adax_sqr_avg.defaults = dict(sqr_mom=1e-4)
 
@@ -205,6 +275,22 @@ def adax_step(p, lr, sqr_mom, eps, step, grad_avg, sqr_avg, **kwargs):
 adax_step.defaults = dict(eps=1e-12)
 
 # %% ../../nbs/20_optimization/01_optim.adax.ipynb #169b0a65
+class AdaXOptimizer(Optimizer):
+    "The fastai `Optimizer` that `AdaXOpt` returns; `load_state_dict` refuses a state that is not AdaX's (fastai's `Adam`)."
+    def load_state_dict(self, sd:dict):
+        for gi, h in enumerate(sd['hypers']):
+            b2 = h.get('sqr_mom')
+            if b2 is None or not 0.0 < b2 <= 0.01:
+                raise ValueError(f"AdaXOpt.load_state_dict: hypers[{gi}]['sqr_mom'] = {b2}: not an AdaX state (AdaX's β₂ is "
+                                 "a growth rate, typically 1e-4; 0.99/0.999 is Adam's decay rate, whose sqr_avg is not AdaX's "
+                                 "v̂). Load the model weights only and let AdaX start a fresh state.")
+        for i, s in enumerate(sd['state']):
+            if s.get('format', ADAX_STATE_FORMAT) != ADAX_STATE_FORMAT:
+                raise ValueError(f"AdaXOpt.load_state_dict: state[{i}]['format'] is {s['format']!r}, expected {ADAX_STATE_FORMAT!r}")
+        super().load_state_dict(sd)
+        for s in self.state.values():
+            if 'sqr_avg' in s: s['format'] = ADAX_STATE_FORMAT
+
 def AdaXOpt(params, # model parameters or parameter groups (as from a fastai splitter)
             lr:float|None=None, # learning rate; None: official default, 5e-3 (AdaX-W) or 1.5e-3 (AdaX)
             mom:float=0.9, # β₁
@@ -217,5 +303,7 @@ def AdaXOpt(params, # model parameters or parameter groups (as from a fastai spl
     if lr is None: lr = 5e-3 if decouple_wd else 1.5e-3
     if wd is None: wd = 5e-2 if decouple_wd else 5e-4
     _check_adax_hypers(lr, (mom, sqr_mom), eps, wd, names=('lr', 'mom/sqr_mom', 'eps', 'wd'))
+    params = [params] if isinstance(params, Tensor) else list(params)
+    _check_real_params(params)
     cbs = [weight_decay if decouple_wd else l2_reg, partial(average_grad, dampening=True), step_stat, adax_sqr_avg, adax_step]
-    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return AdaXOptimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

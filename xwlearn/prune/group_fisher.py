@@ -6,8 +6,8 @@ Docs: https://xwlearn.github.io/xwlearn/30_compression/prune.group_fisher.html.m
 
 # %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #d29f3521
 from __future__ import annotations
-import copy, math, operator
-from dataclasses import dataclass
+import copy, math, operator, warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,18 +27,26 @@ from fastai.callback.core import Callback, CancelFitException
 
 # %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #a1732ad9
 class _UF:
-    "Union-find over integer channel ids."
-    def __init__(self): self.p = []
+    "Union-find over integer channel ids; every union is logged (with a tag) so it can be replayed without some of them."
+    def __init__(self): self.p, self.log = [], []
     def new(self, n:int) -> np.ndarray:
         s = len(self.p); self.p.extend(range(s, s + n)); return np.arange(s, s + n)
     def find(self, i:int) -> int:
         p = self.p
         while p[i] != i: p[i] = p[p[i]]; i = p[i]
         return i
-    def union(self, a, b):
+    def union(self, a, b, tag=None):
+        self.log.append((a, b, tag)); self._union(a, b)
+    def _union(self, a, b):
         for i, j in zip(np.atleast_1d(a).tolist(), np.atleast_1d(b).tolist()):
             ri, rj = self.find(i), self.find(j)
             if ri != rj: self.p[max(ri, rj)] = min(ri, rj)  # id 0 (FIXED) stays the root of its set
+    def replay(self, skip:set) -> _UF:
+        "The same sets, built without the unions whose tag is in `skip`."
+        u = _UF(); u.p = list(range(len(self.p)))
+        for a, b, t in self.log:
+            if t not in skip: u._union(a, b)
+        return u
 
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.Identity,
                  nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool1d, nn.AvgPool1d,
@@ -48,6 +56,18 @@ _PASS_FNS = {F.relu, torch.relu, F.relu6, F.hardtanh, F.silu, F.gelu, torch.sigm
              'contiguous', 'sigmoid', 'mean', 'clone'}
 _ELEMENTWISE = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, torch.add, torch.mul,
                 'add', 'add_', 'mul', 'mul_'}
+_SIZE_QUERIES = {'size', 'dim', 'numel', getattr, len}   # non-tensor results that read a shape, not channel values
+
+def _op_name(n, mods):
+    if n.op == 'call_module': return f"{type(mods[n.target]).__name__} {n.target!r}"
+    return n.target if isinstance(n.target, str) else getattr(n.target, '__name__', str(n.target))
+
+def _keeps_channels(n, si) -> bool:
+    "False for a `mean` that reduces over dim 1 (the channels), or over everything; other pass-through ops keep dim 1."
+    if n.target != 'mean': return True
+    d = n.kwargs.get('dim', n.args[1] if len(n.args) > 1 else None)
+    if d is None: return False
+    return 1 not in [k % len(si) for k in ([d] if isinstance(d, int) else d)]
 
 def _shape(n):
     tm = n.meta.get('tensor_meta') if isinstance(n, torch.fx.Node) else None
@@ -61,19 +81,25 @@ class ChannelGroups:
     bns: dict         # norm layer name -> LongTensor (C,)
     out_hw: dict      # layer name -> spatial elements of its output per sample (1 for Linear)
     members: list     # group -> dict(producers=[(name, c)], consumers=[(name, c)], bns=[(name, c)])
+    kept: list = field(default_factory=list)  # (node, op, layers): ops not understood that keep these layers' output channels
     def __len__(self): return len(self.members)
 
 def trace_groups(model:nn.Module, # the network; leaf layers of interest: Conv*d, Linear, BatchNorm*d
                  example:Tensor, # an example input batch (used for the output shapes)
                 ) -> ChannelGroups:
-    "Trace `model` with `torch.fx` and group channels that must be pruned jointly (adds, grouped/depth-wise convs, cat)."
+    "Trace `model` with `torch.fx` and group channels that must be pruned jointly (adds, grouped/depth-wise convs, cat); warn about ops whose input channels are kept."
     gm = torch.fx.symbolic_trace(model)
     ShapeProp(gm).propagate(example)
     mods = dict(gm.named_modules())
     uf = _UF(); FIXED = uf.new(1)[0]
     ids, layers, bns, out_hw = {}, {}, {}, {}
-    def fix(a):
-        if a is not None: uf.union(np.full(len(a), FIXED), a)
+    def fix(a, tag=None):
+        if a is not None: uf.union(np.full(len(a), FIXED), a, tag)
+    kept = []                                          # (node, op, ids) of ops the grouping does not understand
+    def keep(n, arrs):                                 # ... their input channels are fixed, and remembered for the warning
+        arrs = [a for a in arrs if a is not None]
+        if arrs: kept.append((n.name, _op_name(n, mods), arrs))
+        for a in arrs: fix(a, n.name)
     def tensor_args(n): return [a for a in _flat(n.args) + _flat(n.kwargs) if isinstance(a, torch.fx.Node) and a in ids]
     for n in gm.graph.nodes:
         s = _shape(n)
@@ -86,45 +112,49 @@ def trace_groups(model:nn.Module, # the network; leaf layers of interest: Conv*d
             continue
         x = ids.get(n.args[0]) if n.args and isinstance(n.args[0], torch.fx.Node) else None
         m = mods.get(n.target) if n.op == 'call_module' else None
-        if s is None: ids[n] = None; continue          # a non-tensor result (size, shape, ...): nothing to track
+        if s is None:                                  # a non-tensor result: a size (nothing to track) or a tuple of
+            if n.op == 'call_module' or n.target not in _SIZE_QUERIES:   # tensors (topk, max(dim), sort, chunk, split)
+                keep(n, [ids[a] for a in targs])
+            ids[n] = None; continue
         if isinstance(m, (_ConvNd, nn.Linear)):
             cin = m.in_channels if isinstance(m, _ConvNd) else m.in_features
             if n.target in layers or x is None or len(x) != cin or len(_shape(n.args[0])) < 2:
-                fix(x); x = None                       # layer called twice, or input channels not traceable
+                keep(n, [x]); x = None                 # layer called twice, or input channels not traceable
             out = uf.new(s[1])
             g = getattr(m, 'groups', 1)
             if g > 1:
-                if x is None or cin != s[1]: fix(x); fix(out)
+                if x is None or cin != s[1]: keep(n, [x, out])
                 else:
                     uf.union(x, out)                   # GConv: input channel c and output channel c go together,
                     cpg = cin // g                     # and local channel j goes together in every conv-group
                     if cpg > 1:                        # (a depth-wise conv, cpg = 1, only unites in c with out c)
                         for j in range(cpg): uf.union(np.full(g - 1, x[j]), x[j + cpg::cpg])
-            if n.target in layers: fix(layers[n.target][1]); fix(out)
+            if n.target in layers: keep(n, [layers[n.target][1], out])
             layers[n.target] = (x, out); out_hw[n.target] = int(np.prod(s[2:])) if len(s) > 2 else 1
             ids[n] = out
         elif isinstance(m, _BatchNorm) and x is not None and len(x) == s[1] and n.target not in bns:
             bns[n.target] = x; ids[n] = x
         elif (isinstance(m, _PASS_MODULES) or (n.op != 'call_module' and n.target in _PASS_FNS)) and x is not None:
             si = _shape(n.args[0])
-            if len(s) >= 2 and s[0] == si[0] and s[1] == len(x) and (len(s) > 2 or np.prod(si[2:]) == 1): ids[n] = x
-            else: fix(x); ids[n] = None
+            if (len(s) >= 2 and s[0] == si[0] and s[1] == len(x) and _keeps_channels(n, si)
+                and (len(s) > 2 or np.prod(si[2:]) == 1 or n.target == 'mean')): ids[n] = x   # flatten: 1×1 maps only
+            else: keep(n, [x]); ids[n] = None
         elif n.op != 'call_module' and n.target in _ELEMENTWISE:
             arrs = [ids[a] for a in targs if _shape(a) is not None and len(_shape(a)) >= 2 and _shape(a)[1] > 1]
             if arrs and all(a is not None and len(a) == s[1] for a in arrs) and len(s) >= 2:
                 for a in arrs[1:]: uf.union(arrs[0], a)
                 ids[n] = arrs[0]
-            else:
-                for a in targs: fix(ids[a])
-                ids[n] = None
+            else: keep(n, [ids[a] for a in targs]); ids[n] = None
         elif n.op != 'call_module' and n.target in (torch.cat, 'cat') and (n.kwargs.get('dim', n.args[1] if len(n.args) > 1 else 0) in (1, -len(s) + 1)):
-            parts = [ids.get(a) for a in n.args[0]]
-            if all(p is not None for p in parts): ids[n] = np.concatenate(parts)
-            else:
-                for p in parts: fix(p)
-                ids[n] = None
-        else:                                          # anything else: its channels are left alone
-            for a in targs: fix(ids[a])
+            parts = [ids.get(a) if isinstance(a, torch.fx.Node) else None for a in n.args[0]]
+            shp = [_shape(a) for a in n.args[0]]
+            if all(p is not None or (q is not None and len(q) == len(s)) for p, q in zip(parts, shp)):
+                for k, (p, q) in enumerate(zip(parts, shp)):   # an untracked part: its channels are new and fixed
+                    if p is None: parts[k] = uf.new(q[1]); fix(parts[k])
+                ids[n] = np.concatenate(parts)
+            else: keep(n, parts); ids[n] = None
+        else:                                          # anything else (a reduction or selection over channels, view,
+            keep(n, [ids[a] for a in targs])           # reshape, permute, slicing, ...): its input channels are kept
             ids[n] = None
     root = lambda a: np.array([uf.find(i) for i in a.tolist()])
     fixed = uf.find(FIXED)
@@ -141,7 +171,26 @@ def trace_groups(model:nn.Module, # the network; leaf layers of interest: Conv*d
     cons = {k: label(x, k, 'consumers') for k, (x, _) in layers.items()}
     prods = {k: label(o, k, 'producers') for k, (_, o) in layers.items()}
     bnl = {k: label(x, k, 'bns') for k, x in bns.items()}
-    return ChannelGroups({k: v for k, v in cons.items()}, prods, bnl, out_hw, members)
+    return ChannelGroups({k: v for k, v in cons.items()}, prods, bnl, out_hw, members, _kept(uf, FIXED, layers, kept))
+
+def _kept(uf, FIXED, layers, kept) -> list:
+    "Which ops that were not understood cost prunable channels (replaying the unions without them), with one warning."
+    if not kept: return []
+    u0 = uf.replay({k for k, _, _ in kept}); f0 = u0.find(FIXED)
+    r0 = lambda a: {u0.find(i) for i in a.tolist()} - {f0}
+    prod = {k: r0(o) for k, (_, o) in layers.items()}
+    cand = set().union(*(r0(x) for x, _ in layers.values() if x is not None)) & set().union(*prod.values())
+    res = []
+    for node, op, arrs in kept:
+        lost = set().union(*(r0(a) for a in arrs)) & cand
+        if lost: res.append((node, op, [k for k, r in prod.items() if r & lost]))
+    if res:
+        lines = [f"  {op} (node {node!r}) reads the output channels of {', '.join(map(repr, ls))}" for node, op, ls in res]
+        if len(lines) > 10: lines = lines[:10] + [f"  ... and {len(lines) - 10} more (`ChannelGroups.kept`)"]
+        warnings.warn("trace_groups: the channel grouping does not understand these ops (a selection, reduction, split or "
+                      "reshape over channels, or an op it does not know), so the channels they read are kept (not pruned):\n"
+                      + "\n".join(lines), stacklevel=3)
+    return res
 
 def _flat(o):
     if isinstance(o, (list, tuple)): return [y for x in o for y in _flat(x)]
@@ -175,6 +224,10 @@ class GroupFisher:
         self.fisher = torch.zeros(len(g), dtype=torch.float64); self._batch, self.collect = None, True
         self.handles = {k: self.mods[k].register_forward_pre_hook(self._hook(k)) for k in self.masks}
         self.flops0 = self.flops()
+        if not self.prunable().any():
+            warnings.warn(f"GroupFisher: no channel group can be pruned in this model ({len(g)} groups; every layer keeps at "
+                          "least one channel, and the channels of the model's input and output, and of ops the tracer does "
+                          "not understand, are kept)", stacklevel=2)
 
     def _hook(self, name):
         idx = self.groups.consumers[name]; sel = idx >= 0; gi = idx[sel]
@@ -195,7 +248,7 @@ class GroupFisher:
         "After a backward pass: square the per-sample group gradients and add them to the Fisher estimate."
         if self._batch is not None: self.fisher += (self._batch.double() ** 2).sum(0).cpu(); self._batch = None
 
-    def _alive(self, t): return (t < 0) | self.alive[t.clamp(min=0)]
+    def _alive(self, t): return (t < 0) | self.alive[t.clamp(min=0)] if len(self.alive) else torch.ones_like(t, dtype=torch.bool)
     def counts(self):
         "Remaining (input, output) channels of every Conv/Linear layer."
         g = self.groups; res = {}
@@ -241,22 +294,27 @@ class GroupFisher:
 
     def scores(self, criterion:str|None=None) -> Tensor:
         "Importance of every group (lower = pruned first); inf for groups that are gone or may not be pruned."
+        return torch.where(self.prunable(), self._scores(criterion), torch.tensor(math.inf, dtype=torch.float64))
+
+    def _scores(self, criterion=None):
         c = criterion or self.criterion
         if c == 'memory': s = self.fisher / self.memory
         elif c == 'flops': s = self.fisher / self.delta_flops().clamp(min=1)
         elif c == 'none': s = self.fisher.clone()
         elif c == 'l1': s = self.l1()
         else: raise ValueError(f"unknown criterion {c!r}")
-        return torch.where(self.prunable(), s, torch.full_like(s, math.inf))
+        return s
 
     def prune_group(self, i:int):
         "Mask every channel of group `i` (on the inputs of all layers that read it)."
         self.alive[i] = False
         for k, c in self.groups.members[i]['consumers']: self.masks[k][c] = 0.
 
-    def step(self) -> int:
-        "Prune the least important group, reset the Fisher accumulators, return the group's index."
-        i = int(self.scores().argmin()); self.prune_group(i); self.fisher.zero_(); return i
+    def step(self) -> int|None:
+        "Prune the least important prunable group, reset the Fisher accumulators, return its index (None: none is left)."
+        ok = torch.nonzero(self.prunable()).flatten()
+        if not len(ok): return None
+        i = int(ok[self._scores()[ok].argmin()]); self.prune_group(i); self.fisher.zero_(); return i
 
     def state_dict(self) -> dict:
         "The pruning state — alive groups, accumulated Fisher, masks — as tensors (loadable with `weights_only=True`)."
@@ -335,8 +393,13 @@ class GroupFisherPruning(Callback):
                  remove_at_end:bool=False, # replace `gf.model` inside `learn.model` by the physically pruned module after fit
                 ):
         store_attr(); self.count, self.i0 = 0, None  # iterations with Fisher accumulated; iteration where fine-tuning began
+    def _stuck(self):
+        warnings.warn(f"GroupFisherPruning: no channel group can be pruned any more; FLOPs are at "
+                      f"{100 * self.gf.flops() / self.gf.flops0:.1f} % of the original, above the target {100 * self.target:g} %: "
+                      f"pruning ends here{' and the fit is cancelled' if self.stop else ''}", stacklevel=2)
     def before_fit(self):
         self.pruning = self.gf.flops() > self.target * self.gf.flops0
+        if self.pruning and not self.gf.prunable().any(): self._stuck(); self.pruning = False
         self.gf.collect = self.pruning and self.gf.criterion != 'l1'
     def before_batch(self):
         self._lr = None
@@ -352,10 +415,10 @@ class GroupFisherPruning(Callback):
         if not self.pruning: return
         self.gf.accumulate(); self.count += 1
         if self.count % self.interval: return
-        self.gf.step()
-        if self.gf.flops() <= self.target * self.gf.flops0:
-            self.pruning = self.gf.collect = False; self.i0 = self.epoch * self.n_iter + self.iter + 1
-            if self.stop: raise CancelFitException()
+        if self.gf.step() is None: self._stuck()                       # nothing left to prune: end the phase, do not loop
+        elif self.gf.flops() > self.target * self.gf.flops0: return
+        self.pruning = self.gf.collect = False; self.i0 = self.epoch * self.n_iter + self.iter + 1
+        if self.stop: raise CancelFitException()
     def after_fit(self):
         if not self.remove_at_end: return
         small = prune_model(self.gf); self.gf.remove()

@@ -143,7 +143,7 @@ def group_fisher_imagenet_resnet50(data:Path, epochs:int=100, smoke:bool=False,
     size = 32 if smoke else 224
     dls = imagenet_dls(data, bs=256, size=size, smoke=smoke); bs = dls.train.bs
     model = torchvision.models.resnet50(weights=None, num_classes=len(dls.vocab))
-    if weights: model.load_state_dict(torch.load(weights, map_location='cpu'))
+    if weights: model.load_state_dict(torch.load(weights, map_location='cpu', weights_only=True))
     gf = GroupFisher(model, torch.zeros(2, 3, size, size), 'memory')
     cb = GroupFisherPruning(gf, interval=1 if smoke else 25, target=0.95 if smoke else 0.5, prune_lr=0.004 * bs / 256,
                             ft_lr=0.1 * bs / 256, remove_at_end=True)
@@ -171,7 +171,7 @@ def group_fisher_coco_retinanet_r50(data:Path, epochs:int=24, smoke:bool=False,
     model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=max(ds.coco.cats) + 1,  # COCO ids index the logits
                                    min_size=size, max_size=max_size)
     if weights:
-        missing, unexpected = model.load_state_dict(torch.load(weights, map_location='cpu'), strict=False)
+        missing, unexpected = model.load_state_dict(torch.load(weights, map_location='cpu', weights_only=True), strict=False)
         bad = [k for k in missing + unexpected if not k.endswith('num_batches_tracked')]
         if bad: raise ValueError(f"{weights} does not fit retinanet_resnet50_fpn: {bad[:5]}")
     ex = min(size, 256) // 32 * 32  # the grouping and the memory/FLOPs ratios do not depend on the image size

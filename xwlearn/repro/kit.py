@@ -113,13 +113,25 @@ class TimmMixup(Callback):
         if self.training: x, y = self.mixup(self.xb[0], self.yb[0]); self.learn.xb, self.learn.yb = (x,), (y,)
 
 class EMACallback(Callback):
-    "Keep `learn.model_ema`, a timm `ModelEmaV3` moving average of the weights, updated after every optimiser step."
+    "Keep `learn.model_ema` (timm's `ModelEmaV3`), updated after every optimiser step; validate with it; its weights go into the run's checkpoint."
     order = 70
-    def __init__(self, decay:float=0.9999): self.decay = decay
+    def __init__(self, decay:float=0.9999, # EMA decay per step
+                 validate_ema:bool=True, # report the EMA weights' validation loss and metrics (timm's train.py does)
+                ): self.decay, self.validate_ema, self._pending = decay, validate_ema, None
+    def _net(self): return getattr(self.learn.model, 'module', self.learn.model)  # the bare model under DDP
     def before_fit(self):
         from timm.utils import ModelEmaV3
-        if getattr(self.learn, 'model_ema', None) is None: self.learn.model_ema = ModelEmaV3(self.learn.model, decay=self.decay)
-    def after_step(self): self.learn.model_ema.update(self.learn.model)
+        if getattr(self.learn, 'model_ema', None) is None: self.learn.model_ema = ModelEmaV3(self._net(), decay=self.decay)
+        if self._pending is not None: self.learn.model_ema.module.load_state_dict(self._pending); self._pending = None
+    def after_step(self): self.learn.model_ema.update(self._net())
+    def before_validate(self):
+        if self.validate_ema: self._train_model, self.learn.model = self.learn.model, self.learn.model_ema.module
+    def after_validate(self):
+        if getattr(self, '_train_model', None) is not None: self.learn.model, self._train_model = self._train_model, None
+    def checkpoint_state(self) -> dict: return dict(decay=self.decay, ema=self.learn.model_ema.module.state_dict())
+    def load_checkpoint_state(self, st:dict):
+        if st['decay'] != self.decay: raise ValueError(f"the checkpoint's EMA decay is {st['decay']}, this recipe's {self.decay}")
+        self._pending = st['ema']  # loaded in before_fit, once the EMA copy exists
 
 class NoDecay1D(Callback):
     "No weight decay on 1-D parameters (norms, biases, layer scales), as timm's optimizer factory does."

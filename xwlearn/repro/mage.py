@@ -6,7 +6,7 @@ Docs: https://xwlearn.github.io/xwlearn/80_llm/repro.mage.html.md"""
 
 # %% ../../nbs/80_llm/10a_repro.mage.ipynb #6127a212
 from __future__ import annotations
-import hashlib, importlib.util, json, math, os, random, re
+import contextlib, hashlib, importlib.util, json, math, os, random, re, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +23,7 @@ __all__ = ['CATEGORIES', 'ATTRS', 'ITEM_RE', 'MEMORYARENA_LAYOUT', 'Product', 'p
 
 # %% ../../nbs/80_llm/10a_repro.mage.ipynb #54bcd1b3
 from fastprogress.fastprogress import progress_bar
-from ..core import cpu_threads, reproduction, recipe, Measured, better, mean_se, cache_dir, atomic_write, atomic_write_text, require
+from ..core import cpu_threads, reproduction, recipe, Measured, better, mean_se, cache_dir, atomic_write, require
 from ..data import DatasetLayoutError
 from ..llm.core import approx_tokens, token_counter, ChatLM, OpenAIChat
 from ..agents.mage import Memory, MageMemory, LLM, act_prompt
@@ -153,11 +153,19 @@ def read_memory(text:str) -> MemoryFacts:
     for c, i in re.findall(r"REDO (\w+): avoid (P\d+)", text): avoid.setdefault(c, set()).add(i)
     return MemoryFacts(items, bought, set(carts[-1].split(", ")) if carts else set(), results, avoid)
 
+_ACTION = re.compile(r"(?:(search|inspect|buy)\s+(\w+)|(submit))\b", re.I)
+
 def parse_action(text:str) -> str:
-    "The first well-formed action in a completion, or 'invalid'."
-    m = re.search(r"\b(search|inspect|buy)\s+(\w+)|\b(submit)\b", text, re.I)
-    if not m: return "invalid"
-    return "submit" if m[3] else f"{m[1].lower()} {m[2]}"
+    "The first clause of a completion that starts with an action (or JSON `{\"action\": ...}`), else 'invalid'."
+    t = text.strip()
+    if t.startswith("{"):
+        try: d = json.loads(t)
+        except json.JSONDecodeError: d = None
+        if isinstance(d, dict) and isinstance(d.get("action"), str): t = d["action"]
+    for clause in re.split(r"[\n;:,]|\.(?=\s|$)", t):               # lines, `;`, `:`, `,` and sentence ends
+        m = _ACTION.match(clause.strip(" \t*`'\"!?"))
+        if m: return "submit" if m[3] else f"{m[1].lower()} {m[2]}"
+    return "invalid"
 
 # %% ../../nbs/80_llm/10a_repro.mage.ipynb #bf78bbd1
 def choose_prompt(memory:str, cat:str, constraint:str, cands:list) -> str:
@@ -514,12 +522,33 @@ def _norm(s) -> str:
     "Lower case, punctuation to spaces (a decimal point between digits survives), single spaces."
     return " ".join(re.sub(r"[^a-z0-9.]+|(?<!\d)\.|\.(?!\d)", " ", str(s).lower()).split())
 
+_NEGATIONS = {"not", "never", "nor", "neither", "t"}   # "isn't", "can't" normalise to "isn t", "can t"
+_ASIN = re.compile(r"(?=[a-z]*\d)[a-z0-9]{10}")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+def _answer_words(pred:str) -> list:
+    "Normalised words of the final answer statement: after the last 'answer is' / 'answer:', else the whole reply."
+    return _norm(re.split(r"\banswer\s*(?:is|was|:|=)", str(pred), flags=re.I)[-1]).split()
+
+def _states(words:list, gold, allowed:set) -> bool:
+    "Do `words` state `gold`, never negated, with no un-negated rival candidate (another number / ASIN) after it?"
+    if isinstance(gold, dict) and "target_asin" in gold: g, rival = _norm(gold["target_asin"]).split(), _ASIN.fullmatch
+    else:
+        g = _norm(gold).split()
+        rival = _NUMBER.fullmatch if g and all(_NUMBER.fullmatch(w) for w in g) else (lambda w: False)
+    if not g: return False
+    negated = lambda i: bool(_NEGATIONS & set(words[max(0, i - 2):i]))     # "not 12", "isn't 12", "never 12"
+    hits = [i for i in range(len(words) - len(g) + 1) if words[i:i + len(g)] == g]
+    if not hits or any(negated(i) for i in hits): return False
+    return not any(rival(w) and w not in allowed and not negated(j) for j, w in enumerate(words) if j >= hits[-1] + len(g))
+
 def score_answer(pred:str, gold) -> bool:
-    "Does the reply contain the reference answer? (shopping: the target ASIN; lists: every element; else normalised)"
-    if isinstance(gold, dict) and "target_asin" in gold: return gold["target_asin"].lower() in pred.lower()
-    if isinstance(gold, list): return all(score_answer(pred, g) for g in gold)
-    g, p = _norm(gold), _norm(pred)
-    return bool(g) and (g == p or f" {g} " in f" {p} ")
+    "Does the reply's final answer statement state the reference answer (every element of a list), not negated and not followed by another candidate?"
+    golds = gold if isinstance(gold, list) else [gold]
+    allowed = {w for g in golds if not isinstance(g, dict) for w in _norm(g).split()}
+    allowed |= {_norm(g["target_asin"]) for g in golds if isinstance(g, dict) and "target_asin" in g}
+    words = _answer_words(pred)
+    return bool(golds) and all(_states(words, g, allowed) for g in golds)
 
 def answer_prompt(memory:str, question:str, background:str="") -> str:
     return (f"### ANSWER\n### MEMORY\n{memory}\n### BACKGROUND\n{background}\n### QUESTION\n{question}\n### END\n"
@@ -543,29 +572,66 @@ def run_memoryarena_task(row:dict, memory:Memory, llm:LLM, count:Callable=approx
                 aux_tokens=memory.aux_tokens, revisions=memory.revisions)
 
 # %% ../../nbs/80_llm/10a_repro.mage.ipynb #c5d52edc
+def _key(cfg, arm, epoch, index, row) -> tuple:
+    "A task run's identity: configuration, arm, pass, position and a hash of the row itself."
+    return cfg, arm, epoch, index, hashlib.sha1(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+def _read_journal(path:Path, plan:dict, # {key: backend} of every task run this run will make
+                 ) -> dict:
+    "Finished task runs in `path` by key; a torn last line is dropped (with a warning) and cut off the file."
+    if not path.exists(): return {}
+    data = path.read_bytes(); cut = data.rfind(b"\n") + 1
+    if data[cut:].strip():
+        warnings.warn(f"{path}: ignoring a truncated last line ({len(data) - cut} bytes, an interrupted write); "
+                      "that task runs again")
+        with open(path, "r+b") as f: f.truncate(cut)
+    done = {}
+    for ln, line in enumerate(data[:cut].decode("utf-8").splitlines(), 1):
+        try: r = json.loads(line)
+        except json.JSONDecodeError as e: raise ValueError(f"{path}:{ln}: not JSON ({e}); fix or delete the file") from None
+        k = (r.get("config"), r.get("arm"), r.get("epoch"), r.get("index"), r.get("task"))
+        if plan.get(k) != r.get("backend"):
+            raise ValueError(f"{path}:{ln}: a result of another run (task {k}, backend {r.get('backend')!r}) that this run "
+                             "(other data, epochs or backend) would not make; use a new out_dir or delete the file")
+        done[k] = r
+    return done
+
 @recipe("mage_memoryarena_endpoint", paper="mage", dataset="memoryarena", epochs=1, kind="run",
         description="MemoryArena tasks from a local copy, answered by a user-configured OpenAI-compatible LLM "
                     "(XWLEARN_LLM_BASE_URL / XWLEARN_LLM_MODEL / OPENAI_API_KEY) with full-context and MAGE memory; "
                     "answer-level scoring (no interactive environments); epochs = passes over the tasks")
-def mage_memoryarena_endpoint(data:Path, epochs:int=1, smoke:bool=False, out_dir:Path|None=None) -> dict:
+def mage_memoryarena_endpoint(data:Path, epochs:int=1, smoke:bool=False,
+                              out_dir:Path|None=None, # results are journaled to out_dir/episodes.jsonl; a rerun resumes
+                              llm:LLM|None=None, # the backend; None: `OpenAIChat()` from the environment (smoke: scripted)
+                             ) -> dict:
     "Run full context and MAGE over every task; `smoke`: 2 tasks per configuration with the scripted backend."
     tasks = load_memoryarena(data, limit=2 if smoke else None)
-    llm = ScriptedLLM(seed=0) if smoke else OpenAIChat()
+    if llm is None: llm = ScriptedLLM(seed=0) if smoke else OpenAIChat()
+    backend = ("scripted" if smoke and isinstance(llm, ScriptedLLM)
+               else f"{getattr(llm, 'model', type(llm).__name__)} @ {getattr(llm, 'base_url', 'local')}")
     arms = {"full context": FullContext, "MAGE": MageMemory}
-    per, lines = {}, []
-    for cfg, rows in tasks.items():
+    plan = [(_key(cfg, a, e, i, row), row) for cfg, rows in tasks.items() for a in arms for e in range(epochs)
+            for i, row in enumerate(rows)]
+    journal = Path(out_dir)/"episodes.jsonl" if out_dir is not None else None
+    done = _read_journal(journal, {k: backend for k, _ in plan}) if journal else {}
+    if journal: journal.parent.mkdir(parents=True, exist_ok=True)
+    with (open(journal, "a", encoding="utf-8") if journal else contextlib.nullcontext()) as fh:
+        for k, row in plan:
+            if k in done: continue                                                      # finished in an earlier run
+            cfg, a, e, i, h = k
+            res = run_memoryarena_task(row, m := arms[a](), llm)
+            done[k] = dict(res, epoch=e, config=cfg, arm=a, index=i, task=h, backend=backend,
+                           tree=m.tree.to_dict() if isinstance(m, MageMemory) else None)
+            if fh:                                                                      # on disk before the next call
+                fh.write(json.dumps(done[k], default=str) + "\n"); fh.flush(); os.fsync(fh.fileno())
+    per = {}
+    for cfg in tasks:
         per[cfg] = {}
-        for a, mk in arms.items():
-            res = [dict(run_memoryarena_task(r, m := mk(), llm), epoch=e, config=cfg, arm=a,
-                        tree=m.tree.to_dict() if isinstance(m, MageMemory) else None)
-                   for e in range(epochs) for r in rows]
-            lines += res
+        for a in arms:
+            res = [done[k] for k, _ in plan if k[:2] == (cfg, a)]
             per[cfg][a] = dict(tasks=len(res), success=float(np.mean([r["success"] for r in res])),
                                progress=float(np.mean([r["progress"] for r in res])),
                                ctx_tokens_per_step=float(np.mean([np.mean(r["tokens"]) for r in res])),
                                aux_tokens_per_task=float(np.mean([r["aux_tokens"] for r in res])),
                                revisions_per_task=float(np.mean([r["revisions"] for r in res])))
-    if out_dir is not None:
-        atomic_write_text(Path(out_dir)/"episodes.jsonl", "".join(json.dumps(l, default=str) + "\n" for l in lines))
-    backend = "scripted" if smoke else f"{llm.model} @ {llm.base_url}"
     return dict(backend=backend, token_count="approximate (words + punctuation)", scoring="answer-level", per_config=per)

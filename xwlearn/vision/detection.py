@@ -6,17 +6,17 @@ Docs: https://xwlearn.github.io/xwlearn/45_vision/vision.detection.html.md"""
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #feb7d980
 from __future__ import annotations
-import contextlib, io, json
-from pathlib import Path
+import contextlib, functools, io, json, math, warnings
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['COCO_SPLITS', 'COCO_STATS', 'make_shapes_detection', 'write_coco_shapes', 'check_coco_layout', 'coco_dataset',
-           'detection_collate', 'coco_dls', 'targets_to_coco', 'coco_evaluate', 'DetectionModel', 'detection_loss',
-           'DetectionCallback', 'CocoAP', 'detection_learner']
+__all__ = ['COCO_SPLITS', 'COCO_STATS', 'make_shapes_detection', 'write_coco_shapes', 'check_coco_layout', 'validate_coco',
+           'coco_report_str', 'CocoBoxes', 'coco_dataset', 'detection_collate', 'coco_dls', 'targets_to_coco',
+           'coco_evaluate', 'DetectionModel', 'detection_loss', 'DetectionCallback', 'CocoAP', 'detection_learner']
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #1509205b
 from ..core import require
@@ -112,26 +112,139 @@ def check_coco_layout(path, splits=COCO_SPLITS) -> dict:
     return res
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #931df83b
+_DROP_REASONS = ('unknown_image_id', 'unknown_category_id', 'bad_bbox', 'empty_bbox', 'outside_image')
+
+def _is_int(v): return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+def _is_num(v): return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
+
+def _check_images(js, source) -> dict:
+    "`{image id: (file_name, width, height)}` of a COCO dict's 'images'; `DatasetLayoutError` on an entry that cannot be used."
+    images = {}
+    for im in js['images']:
+        im = im if isinstance(im, dict) else {'entry': im}
+        iid, fn, w, h = im.get('id'), im.get('file_name'), im.get('width'), im.get('height')
+        if not _is_int(iid) or not isinstance(fn, str) or not fn:
+            raise DatasetLayoutError(f"{source}: image entry {str(im)[:120]} needs an integer 'id' and a 'file_name'")
+        p = PureWindowsPath(fn)  # splits on '/' and '\', and sees '/x', 'C:\x' and '\\server' as anchored
+        if p.anchor or '..' in p.parts:
+            raise DatasetLayoutError(f"{source}: file_name {fn!r} (image id {iid}) leaves the image folder; "
+                                     "expected a relative path inside it, without '..'")
+        if not (_is_num(w) and _is_num(h) and w > 0 and h > 0):
+            raise DatasetLayoutError(f"{source}: image {fn!r} (id {iid}) needs positive 'width' and 'height', got {w!r} and {h!r}")
+        if iid in images: raise DatasetLayoutError(f"{source}: image id {iid} is used twice ({images[iid][0]!r} and {fn!r})")
+        images[iid] = (fn, w, h)
+    if not images: raise DatasetLayoutError(f"{source}: the 'images' list is empty, so this split has nothing to train or evaluate on")
+    return images
+
+def validate_coco(js:dict, # a COCO instances dict: 'images', 'annotations', 'categories'
+                  source='the COCO json', # how messages and the report name it (the json's path)
+                  warn:bool=True, # warn when boxes were clipped or annotations dropped
+                 ) -> dict:
+    "Check a COCO instances dict once; return its usable boxes as arrays grouped by image (sorted by id) and a `report` of what was clipped or dropped, and why."
+    if not isinstance(js, dict): raise DatasetLayoutError(f"{source}: expected a json object with 'images', 'annotations' and 'categories', got a {type(js).__name__}")
+    for k in ('images', 'annotations', 'categories'):
+        if not isinstance(js.get(k), list):
+            raise DatasetLayoutError(f"{source} has no {k!r} list (its keys: {sorted(js)}); a COCO instances json has "
+                                     "'images', 'annotations' and 'categories' lists")
+    cats = {c['id']: c for c in js['categories'] if isinstance(c, dict) and _is_int(c.get('id'))}
+    if len(cats) != len(js['categories']): raise DatasetLayoutError(f"{source}: every entry of 'categories' needs an integer 'id'")
+    images = _check_images(js, source); ids = sorted(images); pos = {iid: k for k, iid in enumerate(ids)}
+    drop, rows = dict.fromkeys(_DROP_REASONS, 0), []
+    for a in js['annotations']:
+        a = a if isinstance(a, dict) else {}
+        iid, cid, b = a.get('image_id'), a.get('category_id'), a.get('bbox')
+        if not (_is_int(iid) and iid in images): drop['unknown_image_id'] += 1
+        elif not (_is_int(cid) and cid in cats): drop['unknown_category_id'] += 1
+        elif not (isinstance(b, (list, tuple)) and len(b) == 4 and all(map(_is_num, b))): drop['bad_bbox'] += 1  # missing, NaN, inf
+        else: rows.append((pos[iid], *b, *images[iid][1:], cid, bool(a.get('iscrowd', 0))))
+    r = np.array([x[:7] for x in rows], np.float64).reshape(-1, 7)           # image index, x, y, w, h, image width, height
+    x0, y0, w, h, W, H = r[:, 1], r[:, 2], r[:, 3], r[:, 4], r[:, 5], r[:, 6]
+    xyxy = np.stack([x0, y0, x0 + w, y0 + h], 1)
+    boxes = np.clip(xyxy, 0, np.stack([W, H, W, H], 1)).astype(np.float32)  # boxes that stick out end at the image border
+    empty = (w <= 0) | (h <= 0)                                                # zero or negative size in the json
+    outside = ~empty & ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))  # positive size, but no pixel of the image
+    keep = ~(empty | outside); drop['empty_bbox'], drop['outside_image'] = int(empty.sum()), int(outside.sum())
+    clipped = int((keep & (boxes != xyxy.astype(np.float32)).any(1)).sum())
+    img = r[keep, 0].astype(np.int64); order = np.argsort(img, kind='stable')
+    labels = np.array([x[7] for x in rows], np.int64).reshape(-1)[keep][order]
+    crowd = np.array([x[8] for x in rows], bool).reshape(-1)[keep][order]
+    img, boxes = img[order], boxes[keep][order]
+    n_obj = np.bincount(img[~crowd], minlength=len(ids))
+    report = dict(source=str(source), images=len(ids), annotations=len(js['annotations']), kept=int(keep.sum()),
+                  crowd=int(crowd.sum()), images_without_objects=int((n_obj == 0).sum()), clipped=clipped, dropped=drop)
+    if not n_obj.sum():
+        raise DatasetLayoutError(f"{source}: none of its {len(js['annotations'])} annotations is a usable object box "
+                                 f"(dropped: {_dropped(drop)}), so this split has nothing to train or evaluate on")
+    if warn and (clipped or sum(drop.values())): warnings.warn(f"{source}: {coco_report_str(report)}", stacklevel=2)
+    return dict(ids=np.array(ids, np.int64), files=[images[i][0] for i in ids], sizes=[images[i][1:] for i in ids],
+                offsets=np.concatenate([[0], np.cumsum(np.bincount(img, minlength=len(ids)))]),
+                boxes=boxes, labels=labels, crowd=crowd, cats=cats, report=report)
+
+def _dropped(drop): return ', '.join(f"{n} {k}" for k, n in drop.items() if n) or 'none'
+
+def coco_report_str(report:dict) -> str:
+    "One line for a `validate_coco` report."
+    return (f"{report['images']} images ({report['images_without_objects']} without objects), kept {report['kept']} of "
+            f"{report['annotations']} annotations ({report['crowd']} crowd, for evaluation only); clipped {report['clipped']} "
+            f"boxes to their image; dropped {sum(report['dropped'].values())}: {_dropped(report['dropped'])}")
+
+# %% ../../nbs/45_vision/00_vision.detection.ipynb #9b9f2fc1
+class CocoBoxes(torch.utils.data.Dataset):
+    "A COCO instances split, validated once at load (`report`); items `(image, {'boxes' XYXY, 'labels', 'image_id', 'crowd_boxes', 'crowd_labels'})`."
+    def __init__(self, img_dir, # the split's image folder
+                 ann_file, # its instances json
+                 tfms=None, # a `transforms.v2` callable on `(PIL image, target)`
+                ):
+        self.img_dir, self.ann_file, self.tfms = Path(img_dir), Path(ann_file), tfms
+        try: js = json.loads(self.ann_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetLayoutError(f"{ann_file} is not a json file ({e}); {_COCO_LAYOUT}") from None
+        v = validate_coco(js, source=ann_file); del js
+        self.ids, self.files, self.sizes, self.offsets = v['ids'], v['files'], v['sizes'], v['offsets']
+        self.boxes, self.labels, self.crowd, self.cats, self.report = v['boxes'], v['labels'], v['crowd'], v['cats'], v['report']
+    def __len__(self): return len(self.ids)
+    def __getitem__(self, i):
+        from PIL import Image
+        from torchvision import tv_tensors
+        (w, h), s, e = self.sizes[i], self.offsets[i], self.offsets[i + 1]
+        with Image.open(self.img_dir/self.files[i]) as f:
+            if f.size != (round(w), round(h)):
+                raise DatasetLayoutError(f"{self.img_dir/self.files[i]} is {f.size[0]}x{f.size[1]} pixels but {self.ann_file} says {w}x{h}")
+            im = f.convert('RGB')
+        t = dict(boxes=tv_tensors.BoundingBoxes(torch.tensor(self.boxes[s:e]), format='XYXY', canvas_size=(round(h), round(w))),
+                 labels=torch.tensor(self.labels[s:e]), iscrowd=torch.tensor(self.crowd[s:e]), image_id=int(self.ids[i]))
+        if self.tfms is not None: im, t = self.tfms(im, t)
+        c = t['iscrowd']
+        return im, dict(boxes=t['boxes'][~c], labels=t['labels'][~c], image_id=t['image_id'],
+                        crowd_boxes=t['boxes'][c], crowd_labels=t['labels'][c])
+    @functools.cached_property
+    def coco(self):
+        "The validated boxes as a `pycocotools.coco.COCO` ground truth (json coordinates; crowd regions have `iscrowd=1`)."
+        COCO = require("pycocotools.coco", extra="detection").COCO
+        xywh = np.concatenate([self.boxes[:, :2], self.boxes[:, 2:] - self.boxes[:, :2]], 1).tolist()
+        img = np.repeat(np.arange(len(self.ids)), np.diff(self.offsets))
+        anns = [dict(id=k + 1, image_id=int(self.ids[i]), category_id=int(l), bbox=b, area=b[2] * b[3], iscrowd=int(c))
+                for k, (i, b, l, c) in enumerate(zip(img, xywh, self.labels, self.crowd))]
+        ims = [dict(id=int(i), file_name=f, width=w, height=h) for i, f, (w, h) in zip(self.ids, self.files, self.sizes)]
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(); coco.dataset = dict(images=ims, annotations=anns, categories=list(self.cats.values()), info={}); coco.createIndex()
+        return coco
+
 def coco_dataset(path, # COCO root (see `check_coco_layout`)
                  split:str='train2017',
                  size:int|None=None, # resize the shorter side to `size` (boxes follow); None: keep
                  max_size:int|None=None, # cap on the longer side (torchvision detectors' `min_size`/`max_size` rule)
                  train:bool=False, # random horizontal flip
-                ):
-    "`CocoDetection` wrapped for `transforms.v2`: items are `(float image (3,H,W) in [0,1], {'boxes' XYXY, 'labels', 'image_id'})`."
-    from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+                ) -> CocoBoxes:
+    "The validated `split` of a COCO folder with `transforms.v2`: items `(float image (3,H,W) in [0,1], target)` (see `CocoBoxes`)."
     from torchvision.transforms import v2
+    from torchvision import tv_tensors
     ann, img = check_coco_layout(path, (split,))[split]
     if size and max_size and max_size <= size: size = None  # then the longer side (= max_size) is what binds
-    from torchvision import tv_tensors
-    f32 = v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.BoundingBoxes: torch.float32, 'others': None}, scale=True)
-    tfms = [v2.ToImage(), f32]  # float boxes before resizing: integer json boxes would be rounded
+    tfms = [v2.ToImage(), v2.ToDtype({tv_tensors.Image: torch.float32, 'others': None}, scale=True)]
     tfms += ([v2.Resize(size, max_size=max_size, antialias=True)] if size or max_size else [])
-    tfms += ([v2.RandomHorizontalFlip()] if train else []) + [v2.SanitizeBoundingBoxes()]
-    require("pycocotools", extra="detection")  # CocoDetection reads the json with it
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while indexing
-        ds = CocoDetection(str(img), str(ann), transforms=v2.Compose(tfms))
-    return wrap_dataset_for_transforms_v2(ds, target_keys=('boxes', 'labels', 'image_id'))
+    tfms += ([v2.RandomHorizontalFlip()] if train else [])  # boxes were validated at load: no per-item sanitising
+    return CocoBoxes(img, ann, v2.Compose(tfms))
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #4ba7ccc8
 def detection_collate(batch):
@@ -139,7 +252,9 @@ def detection_collate(batch):
     ims, tgts = [], []
     for im, t in batch:
         t = dict(t); t.setdefault('boxes', torch.zeros(0, 4)); t.setdefault('labels', torch.zeros(0, dtype=torch.int64))
-        t['boxes'] = torch.as_tensor(t['boxes'], dtype=torch.float32).reshape(-1, 4)  # plain tensors from here on
+        for k in ('boxes', 'crowd_boxes'):  # plain float tensors (k,4) from here on, also for k = 0
+            if k in t: t[k] = torch.as_tensor(t[k], dtype=torch.float32).reshape(-1, 4)
+        t['labels'] = torch.as_tensor(t['labels'], dtype=torch.int64).reshape(-1)
         t['image_id'] = torch.tensor(int(t['image_id'])); ims.append(torch.as_tensor(im)); tgts.append(t)
     return ims, tgts
 
@@ -160,16 +275,18 @@ def coco_dls(path, # COCO root
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #8f2b1a79
 COCO_STATS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
-def targets_to_coco(targets:list, # target dicts with 'boxes' (XYXY), 'labels', 'image_id'
+def targets_to_coco(targets:list, # target dicts with 'boxes' (XYXY), 'labels', 'image_id' (optional: 'crowd_boxes', 'crowd_labels')
                     categories=None, # COCO categories; default: one per label seen
                    ) -> dict:
-    "A COCO ground-truth dict from loaded targets (boxes in the coordinates of the loaded images)."
+    "A COCO ground-truth dict from loaded targets (boxes in the coordinates of the loaded images; crowd boxes get `iscrowd=1`)."
     images, anns = [], []
     for t in targets:
         iid = int(t['image_id']); images.append(dict(id=iid))
-        for b, l in zip(t['boxes'].tolist(), t['labels'].tolist()):
-            w, h = b[2] - b[0], b[3] - b[1]
-            anns.append(dict(id=len(anns) + 1, image_id=iid, category_id=int(l), bbox=[b[0], b[1], w, h], area=w * h, iscrowd=0))
+        for crowd, (kb, kl) in enumerate((('boxes', 'labels'), ('crowd_boxes', 'crowd_labels'))):
+            if kb not in t: continue
+            for b, l in zip(torch.as_tensor(t[kb]).reshape(-1, 4).tolist(), torch.as_tensor(t[kl]).reshape(-1).tolist()):
+                w, h = b[2] - b[0], b[3] - b[1]
+                anns.append(dict(id=len(anns) + 1, image_id=iid, category_id=int(l), bbox=[b[0], b[1], w, h], area=w * h, iscrowd=crowd))
     if categories is None: categories = [dict(id=c) for c in sorted({a['category_id'] for a in anns})]
     return dict(images=images, annotations=anns, categories=list(categories))
 
@@ -224,7 +341,7 @@ class CocoAP(Metric):
         _, dets = learn.pred
         for d, t in zip(dets, learn.xb[1]):
             self.dets.append(dict(image_id=t['image_id'], **{k: d[k].detach().cpu() for k in ('boxes', 'scores', 'labels')}))
-            self.tgts.append({k: t[k].detach().cpu() for k in ('boxes', 'labels', 'image_id')})
+            self.tgts.append({k: t[k].detach().cpu() for k in ('boxes', 'labels', 'image_id', 'crowd_boxes', 'crowd_labels') if k in t})
     @property
     def value(self): return coco_evaluate(targets_to_coco(self.tgts), self.dets)[self.key] if self.tgts else None
     @property
