@@ -107,9 +107,9 @@ def test_baselines(dev, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     o_ref = relay_attention(q.float(), ks.float(), vs.float(), kr.float(), vr.float(), req_lens=rl)
     kc, vc = KR.concat_kv(ks, vs, kr, vr)
-    L = ks.shape[1]
-    if dev == "cpu" and dtype == torch.float16: kc, vc, q = kc.float(), vc.float(), q.float()  # CPU SDPA fp16 is slow/limited
-    torch.testing.assert_close(KR.sdpa_concat(q, kc, vc, L_sys=L, req_lens=rl).float(), o_ref, rtol=tol, atol=tol)
+    L, qc = ks.shape[1], q
+    if dev == "cpu" and dtype == torch.float16: kc, vc, qc = kc.float(), vc.float(), q.float()  # CPU SDPA fp16 is slow/limited
+    torch.testing.assert_close(KR.sdpa_concat(qc, kc, vc, L_sys=L, req_lens=rl).float(), o_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(KR.relay_official(q, ks, vs, kr, vr, req_lens=rl).float(), o_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(KR.relay_official(q, ks, vs, kr, vr).float(),
                                relay_attention(q.float(), ks.float(), vs.float(), kr.float(), vr.float()), rtol=tol, atol=tol)

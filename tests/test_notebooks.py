@@ -26,8 +26,19 @@ def _notebooks():
 FLAGS = cfg.tst_flags.split() if isinstance(cfg.tst_flags, str) else list(cfg.tst_flags)
 FORCE = os.environ.get("XWLEARN_NB_FLAGS", "").split()
 
+@pytest.fixture
+def registries_restored():
+    "A notebook runs its `@recipe`/`@reproduction` cells in `__main__` of this worker: put the registries back afterwards."
+    from xwlearn import core
+    saved = {n: dict(getattr(core, n)) for n in ("RECIPES", "REPRODUCTIONS")}
+    yield
+    for n, d in saved.items():
+        reg = getattr(core, n)  # keep what modules imported during the run registered; drop what the notebook's own cells did
+        imported = {k: v for k, v in reg.items() if k not in d and getattr(v.fn, "__module__", "") != "__main__"}
+        reg.clear(); reg.update(d); reg.update(imported)
+
 @pytest.mark.parametrize("nb", _notebooks(), ids=lambda p: str(p.relative_to(NBS)))
-def test_notebook(nb):
+def test_notebook(nb, registries_restored):
     ok, secs = nbtest.test_nb(nb, skip_flags=[f for f in FLAGS if f not in FORCE], force_flags=FORCE,
                               basepath=cfg.config_path)
     print(f"{nb.relative_to(NBS)}: {secs:.1f} s")

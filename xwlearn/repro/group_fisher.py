@@ -168,7 +168,7 @@ def group_fisher_coco_retinanet_r50(data:Path, epochs:int=24, smoke:bool=False,
     dls = coco_dls(data, bs=bs, size=size, max_size=max_size, num_workers=0 if smoke else 8,
                    n_train=4 if smoke else None, n_valid=2 if smoke else None, device='cpu' if smoke else None)
     ds = dls.train.dataset; ds = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
-    model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=max(ds.coco.cats) + 1,  # COCO ids index the logits
+    model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=max(ds.cats) + 1,  # COCO ids index the logits
                                    min_size=size, max_size=max_size)
     if weights:
         missing, unexpected = model.load_state_dict(torch.load(weights, map_location='cpu', weights_only=True), strict=False)
