@@ -170,15 +170,18 @@ def remove_stale_temps(out_dir:Path) -> list:
 
 @contextlib.contextmanager
 def run_lock(out_dir:Path):
-    "Hold `out_dir/.lock` (an advisory `flock`) for the length of a run; refuse if another process holds it."
-    import fcntl
+    "Hold a POSIX record lock on `out_dir/.lock` (holding our pid) for the length of a run; refuse if another process holds it."
+    import fcntl  # `lockf`, not `flock`: a record lock is not inherited by forked loader workers, so it dies with the run's process
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir/".lock", "a") as f:
-        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunFolderError(f"another process is running in {out_dir} (it holds {out_dir/'.lock'}); wait for it or choose another out_dir") from None
+    with open(out_dir/".lock", "a+") as f:
+        try: fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0); pid = f.read().strip() or "?"
+            raise RunFolderError(f"another process (pid {pid}) is running in {out_dir} (it holds {out_dir/'.lock'}); wait for it "
+                                 "or choose another out_dir") from None
+        f.seek(0); f.truncate(); f.write(f"{os.getpid()}\n"); f.flush()
         try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
+        finally: fcntl.lockf(f, fcntl.LOCK_UN)
 
 def prepare_run_folder(out_dir:Path, meta:dict, resume:bool=False, overwrite:bool=False) -> dict|None:
     "Check `out_dir` against the table above (move an old run aside with `overwrite`) and clean stale temp files; return the run being resumed (None: a new run)."
