@@ -61,7 +61,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
 
 def test_kill_and_resume(tmp_path):
     "SIGKILL mid-run, then --resume: the run ends with bitwise the weights of an uninterrupted run (augmentation, dropout, 2 loader workers)."
-    data = _fixture(tmp_path/"cifar", 8192)
+    data = _fixture(tmp_path/"cifar", 4096)
     run, straight = tmp_path/"run", tmp_path/"straight"
     cmd = [PY, "-m", "xwlearn", "train", "smoke_cifar10", "--data", str(data), "--epochs", "6", "--quiet"]
     p = subprocess.Popen(cmd + ["--out", str(run)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
