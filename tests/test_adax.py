@@ -322,3 +322,44 @@ def test_untagged_xwlearn_state_still_loads():
     b = nn.Parameter(a.detach().clone()); opt2 = AdaXW([b]); opt2.load_state_dict(sd)
     g = torch.randn(4); a.grad, b.grad = g.clone(), g.clone(); opt.step(); opt2.step()
     assert torch.equal(a, b) and opt2.state[b]['format'] == 'xwlearn-adax-vhat'
+
+
+def _bf16_fused_run(n=4, seed=11):
+    "A non-contiguous bf16 parameter (the kernel refuses it anywhere: the loop path) under AdaXW(fused=True) for n steps."
+    g = torch.Generator().manual_seed(seed)
+    p = nn.Parameter(torch.randn(6, 5, generator=g).bfloat16().t())
+    grads = [torch.randn(5, 6, generator=g).bfloat16() * (10 if k % 3 == 0 else 1) for k in range(n)]
+    opt = AdaXW([p], fused=True)
+    for gr in grads: p.grad = gr.clone(); opt.step()
+    return p, opt, grads
+
+
+def test_fused_fallback_low_precision_computes_in_fp32():
+    "fused=True with a bf16 θ keeps fp32 m, v̂; where the kernel can't run, the loop computes in fp32 and rounds θ once."
+    p, opt, grads = _bf16_fused_run()
+    assert opt.state[p]['exp_avg'].dtype == torch.float32 and opt.state[p]['exp_avg_sq'].dtype == torch.float32
+    r = nn.Parameter(torch.randn(6, 5, generator=torch.Generator().manual_seed(11)).bfloat16().t().float())
+    ref = AdaXW([r])                                                     # fp32 reference, θ rounded to bf16 after each step
+    for gr in grads:
+        r.grad = gr.float(); ref.step()
+        with torch.no_grad(): r.copy_(r.bfloat16().float())
+    assert torch.equal(p.detach().float(), r.detach())
+    assert torch.equal(opt.state[p]['exp_avg_sq'], ref.state[r]['exp_avg_sq'])
+
+
+def test_fused_low_precision_state_survives_load():
+    "torch's loader casts saved state to θ's dtype (bf16); AdaX.load_state_dict restores the saved fp32 m, v̂ and a CPU step."
+    g = torch.Generator().manual_seed(12)
+    q = nn.Parameter(torch.randn(4, 7, generator=g).bfloat16()); opt = AdaXW([q], fused=True)
+    m, v = torch.randn(4, 7, generator=g) / 3, torch.rand(4, 7, generator=g) + 0.1   # fp32 values bf16 can't hold
+    sd = opt.state_dict() | {'state': {0: dict(step=torch.tensor(5.0), exp_avg=m, exp_avg_sq=v, format='xwlearn-adax-vhat')}}
+    buf = io.BytesIO(); torch.save(sd, buf); buf.seek(0); opt.load_state_dict(torch.load(buf, weights_only=True))
+    s = opt.state[q]
+    for k, x in (('exp_avg', m), ('exp_avg_sq', v)): assert s[k].dtype == torch.float32 and torch.equal(s[k], x)
+    assert s['step'].device.type == 'cpu' and s['step'].dtype == torch.float32 and s['format'] == 'xwlearn-adax-vhat'
+    # a mid-run save/load (the loop path here) continues the same trajectory
+    p, opt, _ = _bf16_fused_run()
+    buf = io.BytesIO(); torch.save(opt.state_dict(), buf); buf.seek(0)
+    r = nn.Parameter(p.detach().clone()); opt2 = AdaXW([r], fused=True); opt2.load_state_dict(torch.load(buf, weights_only=True))
+    gr = torch.randn(5, 6).bfloat16(); p.grad, r.grad = gr.clone(), gr.clone(); opt.step(); opt2.step()
+    assert torch.equal(p, r) and torch.equal(opt.state[p]['exp_avg_sq'], opt2.state[r]['exp_avg_sq'])

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import xwlearn.core  # noqa: F401  (before fastai: silences its torch.jit warning)
 from xwlearn.norm.bn_theory import (PopulationNorm, PopulationNorm2d, recalibrate_population_norm, GammaDecay,
-                                    PopulationRecalibration, bn_block_population, bn_pn_gap, predicted_coeffs)
+                                    PopulationRecalibration, bn_block_population, bn_pn_gap, predicted_coeffs,
+                                    bn_noise_moments, derived_noise_moments, standardize)
 
 torch.set_num_threads(1)
 
@@ -123,6 +124,49 @@ def test_decomposition_gaussian_matches_derivation():
     assert abs(kappa) < 0.1
     assert abs(32 * mu - (2 * a + 4 * b)) < 4 * 32 * se + 0.03
     with pytest.raises(ValueError): bn_block_population('cauchy')
+
+
+def test_kappa_and_skew_terms_directly():
+    "The loss-free conditional moments of the BN perturbation carry the κ and s₃ terms as derived (M = 512)."
+    heavy, _ = bn_block_population('heavy', n=2**15)
+    skew, _ = bn_block_population('skew', n=2**15)
+    z = standardize(skew)
+    assert float((z**3).mean()) > 0.8 and abs(float((standardize(heavy)**3).mean())) < 0.1
+    for h, idx in [(heavy, [0, 1, 2, 3, 4, 5]), (skew, [2, 4])]:           # skew: its s₃ coefficients (s₃/2 and s₃)
+        est = bn_noise_moments(h, 512, n_el=2**20)
+        mu, se, want = est.mean(0), est.std(0) / len(est) ** 0.5, derived_noise_moments(h)
+        assert ((mu - want).abs() <= 0.1 + 2 * se)[idx].all(), (mu, want)
+    assert derived_noise_moments(heavy)[1] > 1.3 > 0.75 + 0.1                # the κ term nearly doubles the Gaussian 3·2/8
+    a, b, _ = predicted_coeffs(*bn_block_population('skew'), 3.0, 0.2)
+    a0, b0, _ = predicted_coeffs(*bn_block_population('skew'), 3.0, 0.2, skew=False)
+    assert abs((3 * a + 9 * b) - (3 * a0 + 9 * b0)) > 0.1                  # dropping s₃ changes the prediction
+    with pytest.raises(ValueError, match="M must be"): bn_noise_moments(heavy, 1)
+
+
+def test_spatial_effective_count_and_conv_gamma_decay():
+    "Conv layers: M_c = B·k_c with k_c = Var(h)/Var(per-sample spatial mean), from the recalibration."
+    torch.manual_seed(0)
+    pn = PopulationNorm2d(3)
+    recalibrate_population_norm(pn, [torch.randn(256, 3, 6, 6)])              # independent values: k ≈ H·W = 36
+    assert ((pn.spatial_eff > 30) & (pn.spatial_eff <= 36)).all()
+    gd = GammaDecay(curvature=1.0, kurtosis=False)
+    torch.testing.assert_close(gd.zeta(pn, 8), 1 / (8 * pn.spatial_eff))
+    torch.testing.assert_close(GammaDecay(curvature=1.0, kurtosis=False, spatial=False).zeta(pn, 8), torch.full((3,), 1 / 8))
+    recalibrate_population_norm(pn, [torch.randn(256, 3, 1, 1).expand(-1, -1, 6, 6)])   # constant maps: k = 1
+    torch.testing.assert_close(pn.spatial_eff, torch.ones(3))
+    pn1 = PopulationNorm(3); recalibrate_population_norm(pn1, [torch.randn(64, 3)])
+    assert pn1.spatial_eff.tolist() == [1., 1., 1.]
+
+
+def test_stable_lr_rule_rejects_near_chance_loss():
+    "A run at near-chance loss (2.27 < ln 10 = 2.30) is not stable; the fraction is checked."
+    import math
+    from xwlearn.repro.bn_theory import largest_stable_lr, STABLE_FRAC
+    finals = {0.1: 1.2, 1.0: 2.27, 10.0: float('nan')}
+    assert largest_stable_lr(finals) == 0.1 and STABLE_FRAC * math.log(10) < 2.27
+    assert largest_stable_lr(finals, frac=1.0) == 1.0                          # the old rule
+    assert largest_stable_lr({1.0: 2.0}) == 0.0
+    with pytest.raises(ValueError, match="frac"): largest_stable_lr(finals, frac=0)
 
 
 def test_imagenet_recipe_builds(tmp_path):

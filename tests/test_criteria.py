@@ -150,3 +150,41 @@ def test_gaussianity_2d_kernels_and_score_groups():
     groups = resnet_score_groups(net)
     assert groups[0] == ('stem.0', 'stem.1', None) and len(groups) == 7
     assert all(isinstance(net.get_submodule(c), nn.Conv2d) and isinstance(net.get_submodule(b), nn.BatchNorm2d) for c, b, _ in groups)
+
+
+def test_global_masks_l2_normalised_per_layer():
+    "Molchanov et al.'s per-layer ℓ2 normalisation: masks equal a global ranking of s/‖s‖ and ignore per-layer rescaling."
+    g = torch.Generator().manual_seed(5)
+    sc = {'a': torch.rand(7, generator=g) * 100, 'b': torch.rand(5, generator=g), 'c': torch.rand(9, generator=g) * 3}
+    m = global_keep_masks(sc, 0.4, normalize='l2')
+    allv = torch.cat([v.double() / v.double().norm() for v in sc.values()])
+    pruned = set(torch.argsort(allv)[:round(0.4 * 21)].tolist())
+    assert torch.cat(list(m.values())).tolist() == [i not in pruned for i in range(21)]
+    m2 = global_keep_masks({k: v * s for (k, v), s in zip(sc.items(), (1e-4, 1e3, 1.))}, 0.4, normalize='l2')
+    assert all(torch.equal(m[k], m2[k]) for k in sc)
+    assert not torch.equal(global_keep_masks(sc, 0.4)['a'], m['a'])        # raw: the large-scale layer keeps everything
+    with pytest.raises(ValueError, match="normalize must be None or 'l2'"): global_keep_masks(sc, 0.4, normalize='max')
+
+
+def test_cwda_statistics_values_and_alternatives():
+    from xwlearn.prune.criteria import cwda_statistics, cwda_surrogate
+    ref = torch.randn(64, 32, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.1
+    W = ref.reshape(64, -1).numpy(); n, d = W.shape
+    cos = [W[i] @ W[j] / np.linalg.norm(W[i]) / np.linalg.norm(W[j]) for i in range(n) for j in range(i + 1, n)]
+    dist = [np.linalg.norm(W[i] - W[j]) for i in range(n) for j in range(i + 1, n)]
+    r = cwda_statistics(ref)
+    np.testing.assert_allclose(r['ortho'], np.sqrt(np.mean(np.square(cos)) * d), rtol=1e-10)
+    np.testing.assert_allclose(r['equidistance'], np.std(dist) / np.mean(dist) / chi_cv(d), rtol=1e-10)
+    nrm = np.linalg.norm(W, axis=1); np.testing.assert_allclose(r['cv_ratio'], nrm.std() / nrm.mean() / chi_cv(d), rtol=1e-10)
+    assert abs(r['kurtosis']) < 0.3 and all(abs(r[k] - 1) < 0.15 for k in ('cv_ratio', 'ortho', 'equidistance'))
+    sur = {k: cwda_surrogate(ref, k, seed=1) for k in ('gauss', 'laplace', 'mixture')}
+    for k, w in sur.items():
+        assert w.shape == ref.shape and w.dtype == ref.dtype
+        np.testing.assert_allclose(w.pow(2).mean().sqrt().item(), 0.1, rtol=0.05)      # same mean square
+    lap, mix = cwda_statistics(sur['laplace']), cwda_statistics(sur['mixture'])
+    assert lap['kurtosis'] > 1.5 and lap['cv_ratio'] > 1.3 and mix['cv_ratio'] > 3 and mix['equidistance'] > 2
+    mv = cwda_statistics(ref * 0.2 + sur['gauss'], init=ref)
+    np.testing.assert_allclose(mv['init_share'], 0.04 / 1.04, atol=0.02)                 # cos²(W, W₀) ≈ 0.2²/(0.2² + 1)
+    with pytest.raises(ValueError, match="init must have the weight's shape"): cwda_statistics(ref, init=ref[:3])
+    with pytest.raises(ValueError, match="at least 3 filters"): cwda_statistics(ref[:2])
+    with pytest.raises(ValueError, match="kind must be"): cwda_surrogate(ref, 'cauchy')

@@ -1,7 +1,7 @@
 """Group Fisher pruning (`xwlearn.prune.group_fisher`): grouping on torchvision nets, hook Fisher vs autograd, removal,
 resuming mid-pruning. The recipes' smoke runs (ResNet-50 ImageNet, RetinaNet COCO) are in the companion notebook
 `nbs/30_compression/02a_repro.group_fisher.ipynb` (one pytest case of `tests/test_notebooks.py`)."""
-import pytest, torch, torchvision
+import math, pytest, torch, torchvision
 import torch.nn.functional as F
 from xwlearn.prune.group_fisher import GroupFisher, trace_groups, prune_model, count_flops
 from xwlearn.repro.group_fisher import small_resnet_dw
@@ -240,3 +240,86 @@ def test_recipe_weights_are_loaded_weights_only(tmp_path, monkeypatch, name):
         run = lambda: group_fisher_coco_retinanet_r50(tmp_path/'coco', smoke=True, weights=str(evil))
     with pytest.raises(pickle.UnpicklingError): run()
     assert not marker.exists()
+
+
+# --- grouped convolutions: the pruning unit is a whole conv-group (the paper's g × c/g reshape) -----
+from torch.nn.modules.conv import _ConvNd
+
+
+class _ResNeXtBlock(nn.Module):
+    "Stem, one ResNeXt bottleneck (1×1 `a` → 3×3 GConv `b`, 3 conv-groups of 4, stride 2 → 1×1 `c`, strided shortcut), head."
+    def __init__(self, c=8, width=12, g=3):
+        super().__init__()
+        self.stem, self.down, self.head = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 1, 2, bias=False), nn.Linear(c, 4)
+        self.a, self.ba = nn.Conv2d(c, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.b, self.bb = nn.Conv2d(width, width, 3, 2, 1, groups=g, bias=False), nn.BatchNorm2d(width)
+        self.c, self.bc = nn.Conv2d(width, c, 1, bias=False), nn.BatchNorm2d(c)
+    def forward(self, x):
+        x = F.relu(self.stem(x)); y = F.relu(self.bb(self.b(F.relu(self.ba(self.a(x))))))
+        return self.head(F.relu(self.bc(self.c(y)) + self.down(x)).mean((2, 3)))
+
+
+def _random_bn(net):
+    for p in net.modules():
+        if isinstance(p, nn.BatchNorm2d): p.running_mean.uniform_(-1, 1); p.running_var.uniform_(.5, 2); p.weight.data.uniform_(.5, 2)
+    return net.eval()
+
+
+def test_grouped_conv_prunes_whole_conv_groups():
+    torch.manual_seed(0); net, x = _random_bn(_ResNeXtBlock()), torch.randn(2, 3, 8, 8)
+    gf = GroupFisher(net, x); g = gf.groups
+    assert torch.equal(g.consumers['b'], torch.arange(3).repeat_interleave(4) + g.consumers['b'][0])  # one group per conv-group
+    k = int(g.consumers['b'][4])
+    assert g.members[k] == dict(producers=[(l, c) for l in 'ab' for c in range(4, 8)],
+                                consumers=[(l, c) for l in 'bc' for c in range(4, 8)],
+                                bns=[(l, c) for l in ('ba', 'bb') for c in range(4, 8)])
+    assert gf.memory[k] == 4 * (8 * 8 + 4 * 4)                          # n·(c/g)·h·w for a (8×8) and for b (4×4)
+    f0 = gf.flops(); gf.prune_group(k)
+    assert f0 - gf.flops() == 4 * 8 * 64 + 4 * 4 * 9 * 16 + 8 * 4 * 16  # a's 4 filters, b's conv-group, c's 4 inputs
+    with torch.no_grad(): y0 = net(x); pm = prune_model(gf); y1 = pm(x)
+    assert (pm.a.out_channels, pm.b.in_channels, pm.b.out_channels, pm.b.groups, pm.c.in_channels) == (8, 8, 8, 2, 8)
+    assert torch.equal(pm.b.weight[4:], net.b.weight[8:]) and torch.equal(pm.a.weight[4:], net.a.weight[8:])
+    assert torch.allclose(y0, y1, atol=1e-5) and count_flops(pm, x) == gf.flops()
+
+
+def test_resnext50_prunes_conv_groups():
+    torch.manual_seed(0); m = torchvision.models.resnext50_32x4d(weights=None).eval(); x = torch.randn(2, 3, 32, 32)
+    gf = GroupFisher(m, x); name = 'layer1.0.conv2'; b = m.layer1[0].conv2          # 32 conv-groups of 4 channels
+    idx = gf.groups.consumers[name]; assert len(set(idx.tolist())) == b.groups
+    for i in sorted(set(idx.tolist()))[:3]: gf.prune_group(i)
+    with torch.no_grad(): y0 = m(x); pm = prune_model(gf); y1 = pm(x)
+    c2 = pm.get_submodule(name)
+    assert (c2.groups, c2.in_channels, pm.layer1[0].conv1.out_channels, pm.layer1[0].conv3.in_channels) == (29, 116, 116, 116)
+    assert torch.allclose(y0, y1, atol=1e-4) and count_flops(pm, x) == gf.flops()
+
+
+def _conv_acts(model, x):
+    "Activation elements per sample written by the Conv/Linear layers, counted with forward hooks."
+    tot = [0]; hs = [m.register_forward_hook(lambda m, i, o: tot.__setitem__(0, tot[0] + o[0].numel()))
+                     for m in model.modules() if isinstance(m, (_ConvNd, nn.Linear))]
+    with torch.no_grad(): model.eval()(x[:1])
+    for h in hs: h.remove()
+    return tot[0]
+
+
+@pytest.mark.parametrize('make,shape', [(small_resnet_dw, (2, 1, 8, 8)), (_ResNeXtBlock, (2, 3, 8, 8))])
+def test_memory_score_divides_by_the_memory_pruning_frees(make, shape):
+    "fisher / memory-normalised score == the activations the physically pruned network no longer writes (counted)."
+    torch.manual_seed(0); net, x = make().eval(), torch.randn(*shape)
+    gf = GroupFisher(net, x); gf.fisher = torch.rand(len(gf.groups), dtype=torch.float64) + 0.1
+    a0, s, sd = _conv_acts(prune_model(gf), x), gf.scores('memory'), gf.state_dict()
+    ok = torch.nonzero(gf.prunable()).flatten().tolist()
+    for i in ok[::max(1, len(ok) // 10)]:
+        gf.prune_group(i); freed = a0 - _conv_acts(prune_model(gf), x); gf.load_state_dict(sd)
+        assert freed > 0 and math.isclose(float(gf.fisher[i] / s[i]), freed, rel_tol=1e-9), (i, freed)
+
+
+def test_random_criterion_is_seeded_and_resumable():
+    net, x = small_resnet_dw().eval(), torch.randn(2, 1, 8, 8)
+    picks = []
+    for _ in range(2):
+        gf = GroupFisher(net, x, 'random', seed=3); picks.append([gf.step() for _ in range(4)]); gf.remove()
+    assert picks[0] == picks[1] and len(set(picks[0])) == 4
+    gf = GroupFisher(net, x, 'random', seed=3); [gf.step() for _ in range(2)]; sd = gf.state_dict(); gf.remove()
+    gf2 = GroupFisher(net, x, 'random', seed=99); gf2.load_state_dict(sd)
+    assert [gf2.step() for _ in range(2)] == picks[0][2:]

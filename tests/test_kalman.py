@@ -7,8 +7,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from xwlearn.norm.kalman import (BatchKalmanNorm1d, BatchKalmanNorm2d, grouped_moments, kalman_update, predict_moments,
-                                 relu_moments, convert_bn_to_bkn, precise_bn)
-from xwlearn.repro.kalman import mnist1d_norm_model
+                                 relu_moments, convert_bn_to_bkn, precise_bn, ResidualPrediction)
+from xwlearn.repro.kalman import mnist1d_norm_model, preact_resnet, convert_preact_to_bkn, PreActCifarResNet
 from xwlearn.nets import mnist1d_mlp, mnist1d_cnn, cifar_resnet
 
 torch.set_num_threads(1)
@@ -175,3 +175,58 @@ def test_autocast_bf16_forward_backward():
         if isinstance(a, BatchKalmanNorm2d): torch.testing.assert_close(a.running_var, b.running_var, rtol=0.05, atol=0.02)
     bkn.eval()
     with torch.autocast('cpu', dtype=torch.bfloat16): assert bkn(x).dtype == torch.bfloat16
+
+
+def test_residual_prediction_pads_per_group_not_flat():
+    "The official tf.pad on the flat group-major statistics misaligns groups; ResidualPrediction pads each group's channels."
+    G, C = 4, 2
+    est = (10 * torch.arange(G, dtype=D)[:, None] + torch.arange(C, dtype=D))      # (G, C): 10·group + channel
+    flat = F.pad(est.flatten(), (G * C // 2, G * C // 2)).view(G, 2 * C)           # the official form
+    assert (flat[0] == 0).all() and flat[1].tolist() == [0., 1., 10., 11.]
+    conv = nn.Conv2d(2 * C, 2 * C, 1, bias=False).double()
+    nn.init.zeros_(conv.weight)                                                      # the branch adds nothing: the sum = the padded shortcut
+    rp = ResidualPrediction(_Src(est, est, (4, 4)), _Src(torch.zeros(G, 2 * C, dtype=D), torch.ones(G, 2 * C, dtype=D), (4, 4)),
+                            nn.ReLU(), conv, extra=C, mc_samples=0)
+    m, v, sp = rp.estimate()
+    torch.testing.assert_close(m[:, 1:3], est); assert (m[:, [0, 3]] == 0).all() and sp == (4, 4)
+    assert not torch.equal(m, flat)
+
+
+def test_residual_prediction_matches_sampled_sum():
+    "shortcut + conv(ReLU(z)) with independent parts: the predicted moments equal the sampled sum's (closed form)."
+    torch.manual_seed(5)
+    G, C, L = 2, 3, 9
+    conv = nn.Conv1d(C, C, 3, padding=1).double()
+    ms, vs = torch.randn(G, C, dtype=D), torch.rand(G, C, dtype=D) + 0.2
+    mb, vb = torch.randn(G, C, dtype=D), torch.rand(G, C, dtype=D) + 0.2
+    m, v, _ = ResidualPrediction(_Src(ms, vs, (L,)), _Src(mb, vb, (L,)), nn.ReLU(), conv, mc_samples=0).estimate()
+    N = 20_000
+    z = mb[None, :, :, None] + vb.sqrt()[None, :, :, None] * torch.randn(N, G, C, L, dtype=D)
+    with torch.no_grad(): c = conv(F.relu(z).view(N * G, C, L)).view(N, G, C, L)
+    s = ms[None, :, :, None] + vs.sqrt()[None, :, :, None] * torch.randn(N, G, C, L, dtype=D)
+    y = (c + s).transpose(0, 1).reshape(G, N, C, L).transpose(1, 2).reshape(G, C, -1)
+    torch.testing.assert_close(m, y.mean(-1), atol=0.03, rtol=0); torch.testing.assert_close(v, y.var(-1), atol=0.05 * v.max().item(), rtol=0)
+
+
+def test_preact_resnet_official_links():
+    "The official pre-activation ResNet: p=0 is micro-batch BN group by group; KN layers linked as in cifar-kn-microbatch.py."
+    torch.manual_seed(6)
+    net = preact_resnet(8).double(); x = torch.randn(4, 3, 16, 16, dtype=D)
+    b0 = convert_preact_to_bkn(copy.deepcopy(net), group_size=2, p=0.0)
+    torch.testing.assert_close(b0(x), torch.cat([net(x[:2]), net(x[2:])]))
+    k = convert_preact_to_bkn(preact_resnet(20), group_size=2, p=0.9, mc_samples=64)
+    kns = [m for m in k.modules() if isinstance(m, BatchKalmanNorm2d)]
+    assert len(kns) == 19 and sum(bool(m._link) for m in kns) == 18 and k.blocks[0].bn1 is None
+    b3 = k.blocks[3]                                                   # first unit of stage 2: stride 2, 16 → 32
+    assert b3.bn1._link[2] is None and isinstance(b3.bn1._link[0], ResidualPrediction) and b3.bn1._link[0].branch is k.blocks[2].bn2
+    assert k.blocks[4].bn1._link[0].extra == 16 and k.bn._link[0].branch is k.blocks[-1].bn2
+    calls = []
+    orig = ResidualPrediction.estimate
+    def counting(self): calls.append(self._cache is not None and self._cache[1] is self.branch.estimate()); return orig(self)
+    ResidualPrediction.estimate = counting
+    try: k(torch.randn(4, 3, 32, 32)).sum().backward()
+    finally: ResidualPrediction.estimate = orig
+    assert len(calls) > 9 and sum(calls) == len(calls) - 9              # each of the 9 sums computed once, then served from the cache
+    assert all(p.grad is not None for p in k.parameters())
+    pickle.loads(pickle.dumps(k))(torch.randn(4, 3, 32, 32)); copy.deepcopy(k).eval()(torch.randn(2, 3, 32, 32))
+    with pytest.raises(TypeError, match="PreActCifarResNet"): convert_preact_to_bkn(cifar_resnet(8))

@@ -11,8 +11,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from xwlearn.norm.psbn import (PostShiftedBatchNorm1d, PostShiftedBatchNorm2d, to_post_shifted, collapsed_channels,
-                               collapse_summary, collapse_prob, CollapsedFilterMonitor)
-from xwlearn.nets import mnist1d_cnn
+                               collapse_summary, collapse_prob, loglog_slope, relu_gates, CollapsedFilterMonitor)
+from xwlearn.nets import mnist1d_cnn, cifar_resnet, BasicBlock
 
 torch.set_num_threads(1)
 
@@ -96,6 +96,14 @@ def test_monte_carlo_scale_invariance_and_slope():
     assert (Pg <= (1 + 9) / 9 * np.array([0.3, 0.6]) ** 2).all()   # Chebyshev bound, c = 3
 
 
+def test_gaussian_noise_is_far_steeper_than_eta_squared():
+    "The exponent 2 needs heavy tails: on η/γ₀ ∈ [0.28, 0.8] t₂ noise fits ≈ 1.8, Gaussian noise ≈ 5."
+    etas, n = np.array([0.28, 0.4, 0.56, 0.8]), 400_000
+    st = loglog_slope(etas, collapse_prob(etas, [1.0], 't2', walkers=n)[:, 0], n)
+    sg = loglog_slope(etas, collapse_prob(etas, [1.0], 'gauss', walkers=n)[:, 0], n)
+    assert 1.5 < st < 2.3 and 4.3 < sg < 5.6
+
+
 def test_psbn_revives_under_weight_decay_bn_does_not():
     "A collapsed channel with zero loss gradient: L2 shrinks (γ, β) → 0; BN stays dead, psBN comes back."
     torch.manual_seed(0)
@@ -122,3 +130,53 @@ def test_monitor_records_history():
     with learn.no_bar(), learn.no_logging(): learn.fit(3, lr=1e-2)
     h = learn.collapsed_filter_monitor.history
     assert [e['epoch'] for e in h] == [2, 3] and all(e['channels'] == 128 for e in h)
+
+
+def _block_with_dead_channels():
+    torch.manual_seed(0)
+    blk = BasicBlock(4, 4)
+    for m in blk.modules():
+        if isinstance(m, nn.BatchNorm2d): m.momentum = None
+    x = torch.rand(64, 4, 6, 6) * 0.5; x[:, 0] += 2.0               # block input ≥ 0 (after a ReLU), channel 0 large
+    with torch.no_grad():
+        blk.bn2.weight[0] = 0.1; blk.bn2.bias[0] = -1.0              # BN output ≤ 0, but shortcut makes the sum > 0
+        blk.bn2.bias[1] = -50.0; blk.bn1.bias[2] = -50.0
+        blk.train(); blk(x)
+    return blk, x
+
+
+def test_residual_block_counts_at_the_relu_after_the_add():
+    "bn2 of a basic block feeds the add: a channel with BN output ≤ 0 and a positive shortcut is alive (it gets gradient)."
+    blk, x = _block_with_dead_channels()
+    for model in (blk, to_post_shifted(copy.deepcopy(blk))):
+        r = collapsed_channels(model, [(x, None)])
+        assert (r['bn1']['kind'], r['bn2']['kind']) == ('relu', 'post-add')
+        assert r['bn2']['bn_nonpos'].nonzero().flatten().tolist() == [0, 1]
+        assert r['bn2']['dead'].nonzero().flatten().tolist() == [1] and r['bn1']['dead'].nonzero().flatten().tolist() == [2]
+        s = collapse_summary(r)
+        assert (s['dead'], s['dead_relu'], s['dead_post_add'], s['channels'], s['bn_nonpos']) == (2, 1, 1, 8, 3)
+    blk.eval(); blk.zero_grad(); blk(x).sum().backward()
+    g = blk.bn2.bias.grad
+    assert g[0] != 0 and g[1] == 0 and blk.bn1.bias.grad[2] == 0   # exactly the channels called dead get no gradient
+
+
+def test_resnet56_gate_kinds():
+    "27 of the 55 BN layers of ResNet-56 feed the residual add, not a ReLU."
+    kinds = [k for k, *_ in relu_gates(cifar_resnet(56))[1].values()]
+    assert len(kinds) == 55 and kinds.count('relu') == 28 and kinds.count('post-add') == 27
+
+
+def test_other_and_untraced_layers():
+    "A BN before a linear layer is 'other' (not counted); an fx-untraceable model falls back to the BN output."
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2))
+    r = collapsed_channels(net, [(torch.randn(32, 3), None)])
+    assert (r['1']['kind'], r['4']['kind']) == ('relu', 'other') and collapse_summary(r)['channels'] == 4
+
+    class Branchy(nn.Module):
+        def __init__(self): super().__init__(); self.bn = nn.BatchNorm1d(3)
+        def forward(self, x): return torch.relu(self.bn(x)) if x.sum() > -1e9 else x   # data-dependent: fx cannot trace
+    m = Branchy()
+    with torch.no_grad(): m.bn.bias[1] = -50.0
+    r = collapsed_channels(m, [(torch.randn(16, 3), None)])
+    assert r['bn']['kind'] == 'untraced' and r['bn']['dead'].nonzero().flatten().tolist() == [1]

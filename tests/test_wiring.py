@@ -17,13 +17,37 @@ def _batch(n=24, seed=0):
 
 
 @pytest.mark.parametrize("mode", ["onehot", "softmax"])
-def test_hook_cost_equals_autograd_dL_dZ(mode):
+@pytest.mark.parametrize("share", [True, False])
+def test_hook_cost_equals_autograd_dL_dZ(mode, share):
     torch.manual_seed(0)
-    net = SuperNet(C=6, n_cells=2, mode=mode).double(); net.set_record(True)
+    net = SuperNet(C=6, n_cells=2, mode=mode, share_alpha=share).double(); net.set_record(True)
     x, y = _batch()
-    z = (net.sample_z() if mode == "onehot" else torch.rand(2, 5, 5, dtype=torch.float64)).detach().requires_grad_()
+    shape = (5, 5) if share else (2, 5, 5)
+    z = (net.sample_z() if mode == "onehot" else torch.rand(*shape, dtype=torch.float64)).detach().requires_grad_()
+    assert z.shape == shape
     F.cross_entropy(net(x, z), y).backward()                   # mean loss: costs are per-sample / B
-    torch.testing.assert_close(net.costs().sum(0), z.grad, rtol=1e-9, atol=1e-12)
+    c = net.costs().sum(0)                                     # (n_cells, E, K): the hooks measure every cell
+    torch.testing.assert_close(c.sum(0) if share else c, z.grad, rtol=1e-9, atol=1e-12)   # shared: Σ over cells
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_dsnas_reward_shared_alpha_summed_over_cells(share):
+    "Official code: one α (E, K), the same sample in every cell, edge reward = Σ_cells cost of the sampled op; per cell: its own."
+    from xwlearn.nas.wiring import DSNASArch
+    torch.manual_seed(4)
+    net = SuperNet(C=6, n_cells=3, share_alpha=share).double(); net.set_record(True)
+    assert net.alpha.shape == ((5, len(OPS)) if share else (3, 5, len(OPS))) and net.cell_probs().shape == (3, 5, len(OPS))
+    with torch.no_grad(): net.alpha.normal_()
+    x, y = _batch()
+    F.cross_entropy(net(x), y).backward()                      # samples Z and wires the cells with it
+    z = net.z.detach(); assert z.shape == net.alpha.shape
+    c = net.costs().sum(0)                                     # (3, E, K) per-cell costs (batch-mean loss)
+    reward = (c * z).sum((0, 2)) if share else (c * z).sum(-1)   # shared: Σ over cells of the sampled op's cost
+    class _L: model = net
+    arch = DSNASArch(); arch.learn = _L(); arch.before_fit()
+    seen = []; arch.arch_opt.step = lambda: seen.append(net.alpha.grad.clone())
+    arch.after_backward()
+    torch.testing.assert_close(seen[0], reward[..., None] * (z - net.alpha.detach().softmax(-1)))
 
 
 def test_none_has_zero_cost_and_unselected_ops_do():
@@ -42,7 +66,7 @@ def test_output_cost_identity():
     torch.manual_seed(2)
     net = SuperNet(C=6, n_cells=2).double(); net.set_record(True)
     x, y = _batch(32)
-    z = net.sample_z().detach().requires_grad_()
+    z = net.sample_z().detach().requires_grad_()                # shared α: one (E, K) sample for both cells
     logits = net(x, z); grads = []
     net.features.register_hook(grads.append)
     F.cross_entropy(logits, y, reduction="sum").backward()
@@ -54,15 +78,16 @@ def test_output_cost_identity():
     deg = torch.tensor([0., 1., 0., 0., 1.], dtype=torch.float64)   # none, skip, conv-BN (scale invariant), avgpool
     c = net.costs()
     inner = [e for e, (i, j) in enumerate(edge_list(2)) if i >= 2]
-    lhs = (c[:, -1] * z[-1]).sum((1, 2)) - (c[:, -1, inner] * z[-1, inner] * deg).sum((1, 2))
+    lhs = (c[:, -1] * z).sum((1, 2)) - (c[:, -1, inner] * z[inner] * deg).sum((1, 2))
     torch.testing.assert_close(lhs, out, rtol=1e-5, atol=1e-6)
 
 
 def test_shapes_1d_2d():
     net = SuperNet(C=4, n_cells=3)
-    assert net(torch.randn(5, 1, 40)).shape == (5, 10) and net.alpha.shape == (3, 5, len(OPS))
+    assert net(torch.randn(5, 1, 40)).shape == (5, 10) and net.alpha.shape == (5, len(OPS))
+    assert SuperNet(C=4, n_cells=3, share_alpha=False).alpha.shape == (3, 5, len(OPS))
     net2 = SuperNet(C=4, n_cells=2, n_nodes=4, in_ch=3, dim=2, mode="softmax")
-    assert net2(torch.randn(2, 3, 16, 16)).shape == (2, 10) and net2.alpha.shape == (2, 14, len(OPS))
+    assert net2(torch.randn(2, 3, 16, 16)).shape == (2, 10) and net2.alpha.shape == (14, len(OPS))
     assert len(edge_list(4)) == 14
     with pytest.raises(ValueError, match="mode"): search_learner(search_dls(n=64), "enas")
 

@@ -74,10 +74,12 @@ class Cell(nn.Module):
         return torch.cat(states[2:], 1)
 
 class SuperNet(nn.Module):
-    "Stacked normal cells with one architecture tensor `alpha` (n_cells, E, K); a bias-free linear head as in the official analysis code."
+    "Stacked normal cells sharing one architecture tensor `alpha` (E, K) (or one row per cell); a bias-free linear head as in the official analysis code."
     def __init__(self, C:int=16, n_cells:int=3, n_nodes:int=2, n_classes:int=10, in_ch:int=1, dim:int=1,
                  ops=OPS, mode:str='onehot', # 'onehot': sample one op per edge (SNAS/DSNAS); 'softmax': DARTS weights
-                 stem_mult:int=3):
+                 stem_mult:int=3,
+                 share_alpha:bool=True, # True: one α (E, K) and one sample for all cells (DARTS, official); False: α per cell (n_cells, E, K)
+                ):
         super().__init__()
         Conv, BN, _ = _nd(dim)
         self.stem = nn.Sequential(Conv(in_ch, stem_mult * C, 3, padding=1, bias=False), BN(stem_mult * C))
@@ -87,20 +89,24 @@ class SuperNet(nn.Module):
             cell = Cell(cpp, cp, C, n_nodes, ops, dim); self.cells.append(cell); cpp, cp = cp, cell.c_out
         self.head = nn.Linear(cp, n_classes, bias=False)
         self.ops, self.edges, self.mode = tuple(ops), edge_list(n_nodes), mode
-        self.alpha = nn.Parameter(torch.zeros(n_cells, len(self.edges), len(ops)))
+        self.share_alpha = share_alpha
+        self.alpha = nn.Parameter(torch.zeros(*(() if share_alpha else (n_cells,)), len(self.edges), len(ops)))
         self.z = None
 
-    def probs(self) -> Tensor: return self.alpha.softmax(-1)
+    def probs(self) -> Tensor: return self.alpha.softmax(-1)                # the shape of `alpha`
+    def cell_probs(self) -> Tensor:
+        "softmax(α) as every cell sees it, (n_cells, E, K) in both layouts."
+        p = self.probs(); return p.expand(len(self.cells), *p.shape) if self.share_alpha else p
     def sample_z(self) -> Tensor:
-        "One-hot Z ~ Categorical(softmax(α)) per cell and edge, a leaf that collects ∂L/∂Z (the costs) in `.grad`."
-        idx = torch.multinomial(self.probs().detach().flatten(0, 1), 1).view(self.alpha.shape[:2])
+        "One-hot Z ~ Categorical(softmax(α)) per edge (and per cell if α is), a leaf that collects ∂L/∂Z (the costs) in `.grad`."
+        idx = torch.multinomial(self.probs().detach().reshape(-1, len(self.ops)), 1).view(self.alpha.shape[:-1])
         return F.one_hot(idx, len(self.ops)).to(self.alpha.dtype).requires_grad_()
     def edge_weights(self) -> Tensor:
         return self.sample_z() if self.mode == 'onehot' else self.probs()
 
     def forward(self, x:Tensor, z:Tensor|None=None) -> Tensor:      # x: (B, in_ch, *S) → logits (B, n_classes)
         self.z = z = self.edge_weights() if z is None else z
-        if z.dim() == 2: z = z.expand(len(self.cells), *z.shape)
+        if z.dim() == 2: z = z.expand(len(self.cells), *z.shape)      # shared Z: ∂L/∂Z sums the cells' costs
         s0 = s1 = self.stem(x)
         for c, cell in enumerate(self.cells): s0, s1 = s1, cell(s0, s1, z[c])
         self.features = s1
@@ -138,13 +144,13 @@ class CostAccumulator:
                     out_cost_wrong=(self.out - self.outc) / nw)
 
 class CostRecorder(Callback):
-    "Record every training batch's per-sample edge costs (tensor hooks) and, each epoch, the architecture α."
+    "Record every training batch's per-sample edge costs (tensor hooks) and, each epoch, softmax(α) per cell and the expected number of non-'none' edges of the network."
     order = 4
     def before_fit(self): self.history, self.acc = [], CostAccumulator()
     def before_batch(self): self.learn.model.set_record(self.training)
     def after_backward(self): self.acc.add(self.learn.model.costs().detach() * len(self.y), self.pred.detach(), self.y)
     def after_epoch(self):
-        p = self.learn.model.probs().detach()
+        p = self.learn.model.cell_probs().detach()                           # (n_cells, E, K) in both layouts
         self.history.append(dict(self.acc.summary(), probs=p.tolist(),
                                  n_edges=int((p.argmax(-1) != 0).sum()), exp_edges=float((1 - p[..., 0]).sum())))
         self.acc = CostAccumulator(); self.learn.model.set_record(False)
@@ -158,7 +164,7 @@ class DSNASArch(Callback):
         self.arch_opt = torch.optim.Adam([self.learn.model.alpha], lr=self.lr, betas=self.betas, weight_decay=self.wd)
     def after_backward(self):
         m = self.learn.model; z = m.z
-        c_sel = (z.grad * z.detach()).sum(-1, keepdim=True)                # cost of the sampled op of every edge
+        c_sel = (z.grad * z.detach()).sum(-1, keepdim=True)                # cost of the sampled op of every edge (shared α: summed over cells)
         m.alpha.grad = c_sel * (z.detach() - m.probs().detach())           # DSNAS' score-function gradient
         self.arch_opt.step(); self.arch_opt.zero_grad()
 
@@ -196,6 +202,7 @@ def search_learner(dls, mode:str='dsnas', # 'dsnas': single-level, sampled one-h
                    C:int=16, n_cells:int=3, n_nodes:int=2, lr:float=0.1, arch_lr:float=1e-2, wd:float=3e-4,
                    arch_wd:float=1e-3, in_ch:int=1, dim:int=1, record:bool=True,
                    arch_split:str='valid', # 'darts': the split α is trained on ('train': a single-level control)
+                   share_alpha:bool=True, # one α for all cells (DARTS, official code); False: one α per cell
                    cbs=None):
     "A `Learner` that searches a `SuperNet`: SGD-momentum on the weights, Adam on α through `DSNASArch` or `ArchitectCallback`."
     from fastai.learner import Learner   # here, not at the top: the method module does not import fastai.learner
@@ -203,7 +210,8 @@ def search_learner(dls, mode:str='dsnas', # 'dsnas': single-level, sampled one-h
     import fastai.callback.progress      # the progress bar and `Learner.no_bar`, as in every fastai Learner
     if mode not in ('dsnas', 'darts'): raise ValueError(f"mode must be 'dsnas' or 'darts', got {mode!r}")
     if arch_split not in ('valid', 'train'): raise ValueError(f"arch_split must be 'valid' or 'train', got {arch_split!r}")
-    model = SuperNet(C, n_cells, n_nodes, len(dls.vocab), in_ch, dim, mode='onehot' if mode == 'dsnas' else 'softmax')
+    model = SuperNet(C, n_cells, n_nodes, len(dls.vocab), in_ch, dim, mode='onehot' if mode == 'dsnas' else 'softmax',
+                     share_alpha=share_alpha)
     arch_dl = (dls.valid if arch_split == 'valid'      # the control: the training set again, in its own seeded order
                else dls.train.new(shuffle=True, drop_last=False, seed=1, device=dls.device))
     arch = (DSNASArch(arch_lr, arch_wd) if mode == 'dsnas' else ArchitectCallback(arch_dl, arch_lr, arch_wd, record=record))

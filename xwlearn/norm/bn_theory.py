@@ -13,8 +13,8 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['standardize', 'predicted_coeffs', 'bn_block_population', 'bn_pn_gap', 'PopulationNorm', 'PopulationNorm2d',
-           'recalibrate_population_norm', 'GammaDecay', 'PopulationRecalibration']
+__all__ = ['standardize', 'predicted_coeffs', 'bn_block_population', 'bn_pn_gap', 'bn_noise_moments', 'derived_noise_moments',
+           'PopulationNorm', 'PopulationNorm2d', 'recalibrate_population_norm', 'GammaDecay', 'PopulationRecalibration']
 
 # %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #564abe4e
 def standardize(h:Tensor) -> Tensor:
@@ -22,25 +22,31 @@ def standardize(h:Tensor) -> Tensor:
     return (h - h.mean()) / h.std(unbiased=False)
 
 # %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #1be2a1e5
-def predicted_coeffs(h:Tensor, t:Tensor, gamma:float, beta:float):
+def predicted_coeffs(h:Tensor, t:Tensor, gamma:float, beta:float,
+                     kurtosis:bool=True, # False: the formula with κ = 0 (as if h were Gaussian) — an alternative to reject
+                     skew:bool=True, # False: the formula with s₃ = 0 (as if h were symmetric)
+                    ):
     "Derived (a, b, κ) of the expansion for the logistic loss ℓ = softplus(−t·ĥ) on one channel with population values h, labels t ∈ {±1}."
     z = standardize(h); hb = gamma * z + beta
     s = torch.sigmoid(-t * hb); l1, l2 = -t * s, s * (1 - s)          # ℓ'(h̄), ℓ''(h̄)
     kappa, s3 = (z**4).mean() - 3, (z**3).mean()
-    a = (l1 * (3 * (kappa + 2) / 8 * z - z**3 / 2 + s3 / 2)).mean()
-    b = 0.5 * (l2 * (1 + s3 * z + (kappa + 2) / 4 * z**2)).mean()
+    k, s3_ = (kappa if kurtosis else 0.), (s3 if skew else 0.)
+    a = (l1 * (3 * (k + 2) / 8 * z - z**3 / 2 + s3_ / 2)).mean()
+    b = 0.5 * (l2 * (1 + s3_ * z + (k + 2) / 4 * z**2)).mean()
     return float(a), float(b), float(kappa)
 
 # %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #c6e87342
-def bn_block_population(kind:str='gauss', # 'gauss' (κ = 0) or 'heavy' (Gaussian scale mixture, κ ≈ 1.9)
+def bn_block_population(kind:str='gauss', # 'gauss' (κ = 0), 'heavy' (Gaussian scale mixture, κ ≈ 1.9) or 'skew' (exponential inputs, s₃ ≈ 1.1, κ ≈ 1.9)
                         n:int=2**16, d:int=8, seed:int=0, tau:float=0.35, # tau: log-std of the per-sample scale ('heavy')
                        ) -> tuple[Tensor, Tensor]:
     "Population of the basic block: pre-activations h = wᵀx (n,) and teacher labels t ∈ {±1} (n,), float64."
-    if kind not in ('gauss', 'heavy'): raise ValueError(f"kind must be 'gauss' or 'heavy', got {kind!r}")
+    if kind not in ('gauss', 'heavy', 'skew'): raise ValueError(f"kind must be 'gauss', 'heavy' or 'skew', got {kind!r}")
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if kind == 'skew': x = torch.empty(n, d, dtype=torch.float64).exponential_(generator=g) - 1   # Exp(1) − 1: mean 0, skewed
+    else: x = torch.randn(n, d, generator=g, dtype=torch.float64)
     if kind == 'heavy': x = x * torch.exp(tau * torch.randn(n, 1, generator=g, dtype=torch.float64))
     w, u = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    if kind == 'skew': w = w.abs()                                         # same-signed weights: the skewness adds up in h
     t = torch.where(x @ u + 0.5 * torch.randn(n, generator=g, dtype=torch.float64) > 0, 1.0, -1.0).double()
     return x @ w, t
 
@@ -65,6 +71,33 @@ def bn_pn_gap(h:Tensor, t:Tensor, # population pre-activations and labels (from 
         out.append(d if per_batch else (float(d.mean()), float(d.std() / math.sqrt(n_batches))))
     return out
 
+# %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #e62b2aba
+def bn_noise_moments(h:Tensor, # population pre-activations (n,)
+                     M:int, # batch size
+                     n_el:int=2**21, # samples drawn per fit in all (batches of M)
+                     chunks:int=16, # independent repetitions of the fit
+                     seed:int=1,
+                    ) -> Tensor:
+    "Per chunk, the least-squares coefficients of M·E[Δ/γ | z] on (z³, z, 1) and of M·E[(Δ/γ)² | z] on (1, z, z²): (chunks, 6), float64."
+    if M < 2: raise ValueError(f"M must be >= 2, got {M}")
+    g, z = torch.Generator().manual_seed(seed), standardize(h.double())
+    B, out = max(1, n_el // (M * chunks)), []
+    for _ in range(chunks):
+        zb = z[torch.randint(0, len(z), (B, M), generator=g)]                    # (B, M) population-standardised
+        m, v = zb.mean(1, keepdim=True), zb.var(1, unbiased=False, keepdim=True)
+        d = (zb - m) / v.sqrt() - zb                                            # Δ/γ = BN − PN, per sample
+        mp = m - zb / M                                                         # the other samples' share of m
+        qp = (zb**2).mean(1, keepdim=True) - zb**2 / M - (M - 1) / M            # ... of the second moment, minus its mean
+        y1, y2, zz = (M * (d + mp + zb * qp / 2)).reshape(-1), (M * d**2).reshape(-1), zb.reshape(-1)
+        X1, X2 = torch.stack([zz**3, zz, torch.ones_like(zz)], 1), torch.stack([torch.ones_like(zz), zz, zz**2], 1)
+        out.append(torch.cat([torch.linalg.lstsq(X1, y1[:, None]).solution[:, 0], torch.linalg.lstsq(X2, y2[:, None]).solution[:, 0]]))
+    return torch.stack(out)
+
+def derived_noise_moments(h:Tensor) -> Tensor:
+    "The six derived coefficients (−1/2, 3(κ+2)/8, s₃/2, 1, s₃, (κ+2)/4) for the population h."
+    z = standardize(h.double()); k, s3 = float((z**4).mean() - 3), float((z**3).mean())
+    return torch.tensor([-0.5, 3 * (k + 2) / 8, s3 / 2, 1., s3, (k + 2) / 4], dtype=torch.float64)
+
 # %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #ab6ee8e4
 class PopulationNorm(nn.Module):
     "Normalize with population statistics (set by `recalibrate_population_norm`), in training and eval alike; input (B,C) or (B,C,L)."
@@ -81,6 +114,7 @@ class PopulationNorm(nn.Module):
         self.register_buffer('running_mean', torch.zeros(num_features))
         self.register_buffer('running_var', torch.ones(num_features))
         self.register_buffer('running_kurt', torch.zeros(num_features))   # excess kurtosis κ of the input, per channel
+        self.register_buffer('spatial_eff', torch.ones(num_features))     # k_c: effective independent values per sample (1 … L or H·W)
         self.register_buffer('num_calibrations', torch.tensor(0, dtype=torch.long))
 
     def check_input(self, x:Tensor):
@@ -118,7 +152,7 @@ def recalibrate_population_norm(model:nn.Module, # a model containing `Populatio
                                 batches, # iterable of inputs (tensors, or tuples whose first item is the input)
                                 layers:list|None=None, # the layers to calibrate; default: every `PopulationNorm` in `model`
                                ) -> int:
-    "Set each `PopulationNorm`'s mean/var/kurtosis to the exact statistics of its input over `batches`, layer by layer in execution order; return the number of layers."
+    "Set each `PopulationNorm`'s mean/var/kurtosis (and `spatial_eff`) to the exact statistics of its input over `batches`, layer by layer in execution order; return the number of layers."
     xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
     if not xs: raise ValueError("recalibrate_population_norm needs at least one batch")
     layers = list(layers) if layers is not None else [m for m in model.modules() if isinstance(m, PopulationNorm)]
@@ -130,10 +164,12 @@ def recalibrate_population_norm(model:nn.Module, # a model containing `Populatio
         for hk in hooks: hk.remove()
     try:
         for layer in order:
-            acc, n = 0, 0
+            acc, n, pm, nb = 0, 0, 0, 0
             def hook(mod, inp):
-                nonlocal acc, n
-                mod.check_input(inp[0]); s, k = _moments(inp[0]); acc, n = acc + s, n + k
+                nonlocal acc, n, pm, nb
+                x = inp[0]; mod.check_input(x); s, k = _moments(x); acc, n = acc + s, n + k
+                xm = x.detach().double().reshape(x.shape[0], x.shape[1], -1).mean(2)       # (B, C) per-sample spatial means
+                pm, nb = pm + torch.stack([xm.sum(0), (xm**2).sum(0)]), nb + x.shape[0]
                 raise _Stop
             hk = layer.register_forward_pre_hook(hook)
             try:
@@ -144,7 +180,10 @@ def recalibrate_population_norm(model:nn.Module, # a model containing `Populatio
             e1, e2, e3, e4 = acc / n
             var = (e2 - e1**2).clamp_min(0)
             m4 = e4 - 4 * e1 * e3 + 6 * e1**2 * e2 - 3 * e1**4
-            layer.running_mean.copy_(e1); layer.running_var.copy_(var)
+            spatial = n // nb                                              # values per sample and channel (1, L or H·W)
+            var_s = (pm[1] / nb - (pm[0] / nb) ** 2).clamp_min(0)           # variance of the per-sample means
+            k_eff = torch.ones_like(var) if spatial == 1 else (var / var_s.clamp_min(1e-30)).clamp(1, spatial)
+            layer.running_mean.copy_(e1); layer.running_var.copy_(var); layer.spatial_eff.copy_(k_eff)
             layer.running_kurt.copy_(m4 / (var**2).clamp_min(1e-30) - 3); layer.num_calibrations += 1
     finally: model.train(was_training)
     return len(order)
@@ -154,18 +193,20 @@ from fastai.callback.core import Callback
 
 # %% ../../nbs/10_normalization/01_norm.bn_theory.ipynb #55c026ff
 class GammaDecay(Callback):
-    "Add BN's implicit regularizer to the loss: Σ_layers Σ_c (Λ_c/M)·w_c·γ_c², w_c = (κ_c+6)/8 (or 1 with `kurtosis=False`)."
+    "Add BN's implicit regularizer to the loss: Σ_layers Σ_c (Λ_c/M_c)·w_c·γ_c², w_c = (κ_c+6)/8 (or 1 with `kurtosis=False`), M_c = B·k_c."
     order = 5
     def __init__(self, curvature:float|str='fisher', # Λ: a constant λ, or 'fisher' (running empirical-Fisher diagonal per channel)
                  scale:float=1.0, # multiplies Λ (the 'fisher' estimate or λ)
                  kurtosis:bool=True, # weight channels by (κ_c+6)/8 (κ from the last recalibration); False: w_c = 1
-                 bs:int|None=None, # the M in ζ ∝ 1/M; None: the current training batch size
+                 bs:int|None=None, # B, samples per batch; None: the current training batch size
                  fisher_mom:float=0.9, # running-average momentum of the Fisher estimate
                  layers:list|None=None, # the normalization layers (need `.weight`); default: every `PopulationNorm`
+                 spatial:bool=True, # M_c = B·k_c, k_c = the layer's `spatial_eff` (conv: values per image that count as independent); False: M = B
                 ):
         if isinstance(curvature, str) and curvature != 'fisher': raise ValueError(f"curvature must be a float or 'fisher', got {curvature!r}")
         if not isinstance(curvature, str) and not curvature >= 0: raise ValueError(f"curvature must be >= 0, got {curvature!r}")
         self.curvature, self.scale, self.kurtosis, self.bs, self.fisher_mom, self._layers = curvature, scale, kurtosis, bs, fisher_mom, layers
+        self.spatial = spatial
         self.fisher, self._hooks = {}, []
 
     def before_fit(self):
@@ -185,14 +226,16 @@ class GammaDecay(Callback):
         out.register_hook(on_grad)
 
     def zeta(self, layer, M:int) -> Tensor:
-        "Per-channel coefficient ζ_c of γ_c² for `layer` at batch size M (a constant tensor)."
+        "Per-channel coefficient ζ_c of γ_c² for `layer` at M samples per batch (a constant tensor)."
         w = layer.weight
+        k = getattr(layer, 'spatial_eff', None) if self.spatial else None
+        M = M * (k.to(w) if k is not None else 1.)                       # M_c = B·k_c
         lam = (self.fisher.get(layer, torch.zeros_like(w)) if self.curvature == 'fisher' else torch.full_like(w, self.curvature))
         wc = (getattr(layer, 'running_kurt', torch.zeros_like(w)).clamp_min(-2) + 6) / 8 if self.kurtosis else torch.ones_like(w)
         return (self.scale * lam.to(w) * wc.to(w) / M).detach()
 
     def penalty(self, M:int|None=None) -> Tensor:
-        "The explicit gamma decay Σ ζ_c γ_c² (differentiable in γ); the ζ used are kept in `last_zeta`."
+        "The explicit gamma decay Σ ζ_c γ_c² (differentiable in γ) at M samples per batch; the ζ used are kept in `last_zeta`."
         M = M or self.bs or len(self.learn.xb[0])
         self.last_zeta = {l: self.zeta(l, M) for l in self.layers}
         return sum((z * l.weight ** 2).sum() for l, z in self.last_zeta.items())

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['relu_moments', 'predict_moments', 'grouped_moments', 'kalman_update', 'BatchKalmanNorm1d', 'BatchKalmanNorm2d',
-           'convert_bn_to_bkn', 'precise_bn', 'bkn_splitter']
+           'convert_bn_to_bkn', 'ResidualPrediction', 'precise_bn', 'bkn_splitter']
 
 # %% ../../nbs/10_normalization/02_norm.kalman.ipynb #a4158a5d
 from ..nets import CifarResNet
@@ -112,11 +112,13 @@ class _BatchKalmanNorm(nn.Module):
         self.running_mean.zero_(); self.running_var.fill_(1); self.num_batches_tracked.zero_()
 
     def link(self, source, # has `.estimate()` → (μ, σ², spatial) of layer k−1 from this forward pass, or None
-             act:nn.Module|None, # activation between the layers (nn.ReLU or None)
-             layer:nn.Module, # the weight layer between them (shared: not registered as a submodule here)
+             act:nn.Module|None=None, # activation between the layers (nn.ReLU or None)
+             layer:nn.Module|None=None, # the weight layer between them (shared: not registered here); None: `source`'s estimate *is* the prediction
             ):
-        "Predict this layer's statistics from `source`'s estimate through `act` and `layer`."
-        if not isinstance(layer, self._layers): raise TypeError(f"{type(self).__name__} predicts through {self._layers}, got {type(layer).__name__}")
+        "Predict this layer's statistics from `source`'s estimate through `act` and `layer` (or take it as is: `layer=None`)."
+        if layer is not None and not isinstance(layer, self._layers):
+            raise TypeError(f"{type(self).__name__} predicts through {self._layers} or None, got {type(layer).__name__}")
+        if layer is None and act is not None: raise ValueError("link: an activation needs a weight layer after it (layer=None takes the estimate as is)")
         self._link = (source, act, layer); return self
 
     def estimate(self): return self._est   # (μ_{k|k}, σ²_{k|k}, spatial shape) of the last training forward
@@ -142,9 +144,11 @@ class _BatchKalmanNorm(nn.Module):
         mu_o, var_o, pe = mu, var, torch.zeros((), device=x.device, dtype=xs.dtype)
         est = self._link[0].estimate() if self._link and self.p > 0 else None
         if est is not None:
-            dev = x.device.type                                         # the prediction in the estimate's precision, too
-            with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():
-                mu_p, var_p = predict_moments(est[0], est[1], est[2], self._link[1], self._link[2], self.mc_samples)
+            if self._link[2] is None: mu_p, var_p = est[0], est[1]        # e.g. a residual sum's prediction (`ResidualPrediction`)
+            else:
+                dev = x.device.type                                     # the prediction in the estimate's precision, too
+                with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():
+                    mu_p, var_p = predict_moments(est[0], est[1], est[2], self._link[1], self._link[2], self.mc_samples)
             if mu_p.shape != mu.shape: raise RuntimeError(f"predicted statistics {tuple(mu_p.shape)} do not match the observed "
                                                           f"{tuple(mu.shape)}: linked layers must use the same group_size")
             mu, var, pe = kalman_update(mu_o, var_o, mu_p, var_p, self.p, self.fallback_ratio, self.eps)
@@ -282,6 +286,43 @@ def convert_bn_to_bkn(model:nn.Module, # an nn.Sequential, an `xwlearn.nets.Cifa
     else: raise TypeError(f"convert_bn_to_bkn supports nn.Sequential, xwlearn.nets.CifarResNet and torchvision ResNet models, got {type(model).__name__}: "
                           "link the layers yourself with `BatchKalmanNorm1d/2d.link(previous_layer, activation, weight_layer)`")
     return model
+
+# %% ../../nbs/10_normalization/02_norm.kalman.ipynb #9643042b
+def _out_spatial(layer:nn.Module, spatial:tuple) -> tuple:
+    "Spatial shape of `layer`'s output for an input of spatial shape `spatial` (nn.Linear: ())."
+    if isinstance(layer, nn.Linear): return ()
+    if layer.padding == 'same': return tuple(spatial)
+    out = []
+    for i, L in enumerate(spatial):
+        p = 0 if layer.padding == 'valid' else layer.padding[i]
+        k, s, d = layer.kernel_size[i], layer.stride[i], layer.dilation[i]
+        out.append((L + 2 * p - d * (k - 1) - 1) // s + 1)
+    return tuple(out)
+
+class ResidualPrediction:
+    "Prediction of a pre-activation residual sum `shortcut + layer(act(·))`: the shortcut's estimate (zero-padded by `extra` channels per group) plus the branch's prediction through `act` and `layer` (official: m + m3)."
+    def __init__(self, shortcut, # has `.estimate()`: the shortcut's statistics (a KN layer or another `ResidualPrediction`)
+                 branch, # has `.estimate()`: the estimate before the branch's last weight layer (its second KN)
+                 act:nn.Module|None, layer:nn.Module, # the branch's last activation and weight layer
+                 extra:int=0, # channels the shortcut zero-pads (extra//2 before, the rest after)
+                 mc_samples:int=64, # as `predict_moments`; 0: closed form
+                ):
+        self.shortcut, self.branch, self.act, self.layer, self.extra, self.mc_samples = shortcut, branch, act, layer, extra, mc_samples
+        self._cache = None                                             # (shortcut estimate, branch estimate, result) of this forward
+
+    def estimate(self):
+        s, b = self.shortcut.estimate(), self.branch.estimate()
+        if s is None or b is None: return None
+        if self._cache is not None and self._cache[0] is s and self._cache[1] is b: return self._cache[2]   # once per forward
+        dev = b[0].device.type
+        with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():
+            m, v = predict_moments(b[0], b[1], b[2], self.act, self.layer, self.mc_samples)
+        pad = lambda t: F.pad(t, (self.extra // 2, self.extra - self.extra // 2))   # per group, on the channel axis
+        if pad(s[0]).shape != m.shape: raise RuntimeError(f"shortcut statistics {tuple(s[0].shape)} + {self.extra} channels do not match the branch's {tuple(m.shape)}")
+        est = (pad(s[0]) + m, pad(s[1]) + v, _out_spatial(self.layer, b[2]))
+        self._cache = (s, b, est); return est
+
+    def __getstate__(self): return {**self.__dict__, '_cache': None}   # the cache holds autograd history: not copied
 
 # %% ../../nbs/10_normalization/02_norm.kalman.ipynb #18419e95
 @torch.no_grad()

@@ -7,12 +7,15 @@ Docs: https://xwlearn.github.io/xwlearn/10_normalization/norm.psbn.html.md"""
 # %% ../../nbs/10_normalization/03_norm.psbn.ipynb #0b2097ab
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
-from torch import nn, Tensor
+import torch.nn.functional as F
+from torch import nn, fx, Tensor
 
 # %% auto #0
-__all__ = ['collapse_prob', 'loglog_slope', 'PostShiftedBatchNorm1d', 'PostShiftedBatchNorm2d', 'to_post_shifted',
+__all__ = ['collapse_prob', 'loglog_slope', 'PostShiftedBatchNorm1d', 'PostShiftedBatchNorm2d', 'to_post_shifted', 'relu_gates',
            'collapsed_channels', 'collapse_summary', 'CollapsedFilterMonitor']
 
 # %% ../../nbs/10_normalization/03_norm.psbn.ipynb #a243824b
@@ -91,36 +94,98 @@ from fastai.callback.core import Callback
 def _norms(model:nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
+class _NormLeafTracer(fx.Tracer):
+    "torch.fx tracer that keeps every BatchNorm (BN or psBN) as one opaque call."
+    def is_leaf_module(self, m:nn.Module, qualname:str) -> bool:
+        return isinstance(m, nn.modules.batchnorm._BatchNorm) or super().is_leaf_module(m, qualname)
+
+def _is_relu(node, mods) -> bool:
+    if node.op == 'call_function': return node.target in (F.relu, torch.relu, F.relu_, torch.relu_)
+    if node.op == 'call_method': return node.target in ('relu', 'relu_')
+    return node.op == 'call_module' and isinstance(mods.get(node.target), nn.ReLU)
+
+def _is_add(node) -> bool:
+    return ((node.op == 'call_function' and node.target in (operator.add, operator.iadd, torch.add))
+            or (node.op == 'call_method' and node.target in ('add', 'add_')))
+
+def relu_gates(model:nn.Module, # the network; traced with torch.fx, BatchNorm layers kept whole
+              ) -> tuple[fx.GraphModule|None, dict]:
+    "Where each BatchNorm layer's ReLU is: {name: (kind, BN node, node to measure)}; kind 'relu', 'post-add', 'other' or 'untraced'."
+    norms = _norms(model)
+    try: graph = _NormLeafTracer().trace(model)
+    except Exception: return None, {n: ('untraced', None, None) for n, _ in norms}   # not traceable by fx
+    mods, calls = dict(model.named_modules()), {}
+    for node in graph.nodes:
+        if node.op == 'call_module' and isinstance(mods.get(node.target), nn.modules.batchnorm._BatchNorm):
+            calls.setdefault(node.target, []).append(node)
+    gates = {}
+    for n, _ in norms:
+        nodes = calls.get(n, [])
+        if len(nodes) != 1: gates[n] = ('other', None, None); continue     # unused or called twice: no single ReLU
+        node = nodes[0]; users = list(node.users)
+        if users and all(_is_relu(u, mods) for u in users): gates[n] = ('relu', node.name, node.name)      # BN → ReLU
+        elif len(users) == 1 and _is_add(users[0]) and len(users[0].users) == 1 and _is_relu(next(iter(users[0].users)), mods):
+            gates[n] = ('post-add', node.name, next(iter(users[0].users)).name)                          # BN → + → ReLU
+        else: gates[n] = ('other', node.name, None)
+    return fx.GraphModule(model, graph), gates
+
+class _Recorder(fx.Interpreter):
+    "Runs a traced graph; keeps, in `mx`, the running per-channel max of the watched nodes' outputs."
+    def __init__(self, gm, watch:set, mx:dict): super().__init__(gm); self.watch, self.mx = watch, mx
+    def run_node(self, node):
+        out = super().run_node(node)
+        if node.name in self.watch:                          # recorded at once: before an in-place ReLU can change it
+            m = out.detach().transpose(0, 1).reshape(out.shape[1], -1).amax(1)   # (N, C, ...) → (C,)
+            self.mx[node.name] = m if node.name not in self.mx else torch.maximum(self.mx[node.name], m)
+        return out
+
 @torch.no_grad()
-def collapsed_channels(model:nn.Module, # network whose BatchNorm layers (BN or psBN) each feed a ReLU
+def collapsed_channels(model:nn.Module, # network with BatchNorm layers (BN or psBN)
                        dl, # the training set, one ordered pass: an iterable of (x, y) batches on the model's device
                        gamma_tol:float=1e-2, # |γ| below this also counts as "small γ"
                       ) -> dict:
-    "Per BatchNorm layer: channels whose output is ≤ 0 on every sample/position of `dl` in eval mode, and channels with |γ| < gamma_tol."
-    norms, mx = _norms(model), {}
-    def hook(name):
-        def f(mod, inp, out):                                # out: (N, C, ...) → per-channel max over all but dim 1
-            m = out.detach().transpose(0, 1).reshape(out.shape[1], -1).amax(1)
-            mx[name] = m if name not in mx else torch.maximum(mx[name], m)
-        return f
-    hs = [m.register_forward_hook(hook(n)) for n, m in norms]
+    "Per BatchNorm layer: channels whose ReLU outputs 0 on every sample/position of `dl` in eval mode (measured at that ReLU), small |γ|, BN output ≤ 0."
+    norms = _norms(model)
+    gm, gates = relu_gates(model)
+    mx, hs = {}, []
+    if gm is None:                                           # untraced: forward hooks on the BN outputs (assumes BN → ReLU)
+        def hook(name):
+            def f(mod, inp, out):
+                m = out.detach().transpose(0, 1).reshape(out.shape[1], -1).amax(1)
+                mx[name] = m if name not in mx else torch.maximum(mx[name], m)
+            return f
+        hs = [m.register_forward_hook(hook(n)) for n, m in norms]
+        gates = {n: ('untraced', n, n) for n, _ in norms}
+    watch = {x for _, b, g in gates.values() for x in (b, g) if x is not None}
     was_training = model.training; model.eval()
     try:
-        for b in dl: model(b[0])
+        for b in dl:
+            if gm is None: model(b[0])
+            else: _Recorder(gm, watch, mx).run(b[0])
     finally:
         for h in hs: h.remove()
         model.train(was_training)
     res = {}
     for n, m in norms:
-        small = (m.weight.abs() < gamma_tol) if m.affine else torch.zeros(m.num_features, dtype=torch.bool)
-        res[n] = dict(dead=(mx[n] <= 0).cpu(), small_gamma=small.cpu(), channels=m.num_features)
+        kind, bn_node, gate_node = gates[n]; none = torch.zeros(m.num_features, dtype=torch.bool)
+        small = (m.weight.abs() < gamma_tol).cpu() if m.affine else none
+        bn_max, gate = mx.get(bn_node), mx.get(gate_node)
+        if gate is not None and gate.numel() != m.num_features: kind, gate = 'other', None   # an add that broadcasts
+        res[n] = dict(kind=kind, dead=(gate <= 0).cpu() if gate is not None else none,
+                      bn_nonpos=(bn_max <= 0).cpu() if bn_max is not None else none, small_gamma=small, channels=m.num_features)
     return res
 
 def collapse_summary(res:dict) -> dict:
-    "Totals of a `collapsed_channels` result: dead, small_gamma, channels, and the two fractions."
-    d = sum(int(v['dead'].sum()) for v in res.values()); s = sum(int(v['small_gamma'].sum()) for v in res.values())
-    n = sum(v['channels'] for v in res.values())
-    return dict(dead=d, small_gamma=s, channels=n, dead_frac=d / max(n, 1), small_gamma_frac=s / max(n, 1))
+    "Totals of `collapsed_channels`: dead / channels over the layers whose ReLU was found (BN→ReLU, post-add, untraced), per kind; small γ and BN output ≤ 0 over all layers."
+    def tot(f, kinds=('relu', 'post-add', 'untraced', 'other')):
+        return sum((v[f] if f == 'channels' else int(v[f].sum())) for v in res.values() if v['kind'] in kinds)
+    gated = ('relu', 'post-add', 'untraced')
+    d, n, s, n_all = tot('dead', gated), tot('channels', gated), tot('small_gamma'), tot('channels')
+    return dict(dead=d, channels=n, dead_frac=d / max(n, 1), small_gamma=s, small_gamma_frac=s / max(n_all, 1),
+                dead_relu=tot('dead', ('relu',)), channels_relu=tot('channels', ('relu',)),
+                dead_post_add=tot('dead', ('post-add',)), channels_post_add=tot('channels', ('post-add',)),
+                channels_untraced=tot('channels', ('untraced',)), channels_other=tot('channels', ('other',)),
+                bn_nonpos=tot('bn_nonpos'), channels_all=n_all)
 
 # %% ../../nbs/10_normalization/03_norm.psbn.ipynb #836b9300
 class CollapsedFilterMonitor(Callback):

@@ -82,13 +82,16 @@ def _single_tensor_adax(params:list[Tensor], grads:list[Tensor], exp_avgs:list[T
     for p, g, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):  # m, v, g: same shape as p
         step_t += 1
         t = step_t.item()
+        q = p if m.dtype == p.dtype else p.to(m.dtype)                     # fused fallback: fp32 m, v̂ for a bf16/fp16 θ —
+        if g.dtype != m.dtype: g = g.to(m.dtype)                           # compute in fp32, as the kernel does
         if weight_decay != 0:
-            if decoupled_weight_decay: p.mul_(1 - lr * weight_decay)      # θ ← θ(1 − αλ)
-            else: g = g.add(p, alpha=weight_decay)                         # g ← g + λθ (p.grad is left untouched)
+            if decoupled_weight_decay: q.mul_(1 - lr * weight_decay)      # θ ← θ(1 − αλ)
+            else: g = g.add(q, alpha=weight_decay)                         # g ← g + λθ (p.grad is left untouched)
         b = adax_beta2_hat(t, beta2)
         m.lerp_(g, 1 - beta1)                                              # m ← β₁m + (1−β₁)g
         v.mul_(b).addcmul_(g, g, value=1 - b)                              # v̂ ← β̂₂,t v̂ + (1−β̂₂,t) g²
-        p.addcdiv_(m, v.sqrt().add_(adax_eps_hat(t, beta2, eps)), value=-lr)  # θ ← θ − α m/(√v̂ + ε̂_t)
+        q.addcdiv_(m, v.sqrt().add_(adax_eps_hat(t, beta2, eps)), value=-lr)  # θ ← θ − α m/(√v̂ + ε̂_t)
+        if q is not p: p.copy_(q)                                          # θ rounded to its dtype once, on store
 
 def _multi_tensor_adax(params:list[Tensor], grads:list[Tensor], exp_avgs:list[Tensor], exp_avg_sqs:list[Tensor],
                        state_steps:list[Tensor], *, beta1:float, beta2:float, lr:float, weight_decay:float, eps:float,
@@ -210,7 +213,17 @@ class AdaX(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict:dict):
         "Load a state saved by this AdaX or by the official AdaX (v → v̂ converted); an Adam state is refused."
-        super().load_state_dict(_adax_state_dict_in(state_dict, self.param_groups))
+        sd = _adax_state_dict_in(state_dict, self.param_groups)
+        super().load_state_dict(sd)
+        for group, saved in zip(self.param_groups, sd['param_groups']):   # torch's loader casts m, v̂ to θ's dtype and
+            if not group.get('fused'): continue                            # a fused step to θ's device: undo both, so the
+            for p, i in zip(group['params'], saved['params']):             # state is what `_init_group` makes (fp32 m, v̂)
+                if p not in self.state or i not in sd['state']: continue
+                s, src = self.state[p], sd['state'][i]
+                if p.dtype in (torch.bfloat16, torch.float16):
+                    for k in ('exp_avg', 'exp_avg_sq'):
+                        if isinstance(src.get(k), Tensor): s[k] = src[k].to(device=p.device, dtype=torch.float32)  # saved values, not the cast
+                if isinstance(s.get('step'), Tensor): s['step'] = s['step'].to('cpu', torch.float32)  # .item() without a sync
         for s in self.state.values():
             if 'exp_avg_sq' in s: s['format'] = ADAX_STATE_FORMAT       # (torch's loader does not keep str values)
 

@@ -17,8 +17,8 @@ from scipy.special import gammaln
 
 # %% auto #0
 __all__ = ['CRITERIA', 'chi_cv', 'filter_matrix', 'weiszfeld', 'importance', 'taylor_importance', 'keep_mask',
-           'global_keep_masks', 'jaccard', 'mardia', 'henze_zirkler', 'gaussianity', 'remove_filters',
-           'mnist1d_cnn_groups', 'resnet_groups', 'PruneFilters']
+           'global_keep_masks', 'jaccard', 'mardia', 'henze_zirkler', 'gaussianity', 'cwda_statistics',
+           'cwda_surrogate', 'remove_filters', 'mnist1d_cnn_groups', 'resnet_groups', 'PruneFilters']
 
 # %% ../../nbs/30_compression/01_prune.criteria.ipynb #11ac7f81
 def chi_cv(d:int|np.ndarray) -> np.ndarray:
@@ -116,9 +116,12 @@ def keep_mask(scores:Tensor, # (n,) importance scores
 
 def global_keep_masks(scores:dict, # layer name → (n,) scores
                       ratio:float, # fraction of all filters to remove
+                      normalize:str|None=None, # None: raw scores; 'l2': each layer's scores divided by their ℓ2 norm first
                      ) -> dict:
-    "Masks from one ranking of all layers' filters together (raw scores), keeping ≥ 1 filter per layer."
+    "Masks from one ranking of all layers' filters together, keeping ≥ 1 filter per layer."
     if not 0 <= ratio < 1: raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if normalize not in (None, 'l2'): raise ValueError(f"normalize must be None or 'l2', got {normalize!r}")
+    if normalize == 'l2': scores = {k: v.double() / v.double().norm().clamp_min(1e-300) for k, v in scores.items()}
     names = list(scores); allv = torch.cat([scores[k].double() for k in names])
     owner = torch.cat([torch.full((len(scores[k]),), i) for i, k in enumerate(names)])
     left = {i: len(scores[k]) for i, k in enumerate(names)}; keep = torch.ones(len(allv), dtype=torch.bool)
@@ -190,6 +193,48 @@ def gaussianity(weight:Tensor, seed:int=0, max_taps:int=2000) -> dict:
                 mardia_taps=mardia(taps) if ok else None, mardia_cols=mardia(W[:, cols]),
                 hz_taps=henze_zirkler(taps) if ok else None, hz_cols=henze_zirkler(W[:, cols]))
 
+
+# %% ../../nbs/30_compression/01_prune.criteria.ipynb #565caefa
+def _kurt(W:Tensor) -> float:
+    Z = (W - W.mean(0)) / W.std(0, unbiased=False).clamp_min(1e-300)   # each coordinate standardised over the filters
+    return float(stats.kurtosis(Z.numpy().ravel()))                    # excess (Fisher) kurtosis, pooled
+
+def cwda_statistics(weight:Tensor, # conv weight (C_out, C_in, *kernel), at least 3 filters
+                    init:Tensor|None=None, # the same layer's weight at initialisation: adds the movement statistics
+                   ) -> dict:
+    "Statistics whose values CWDA fixes: excess kurtosis (0), CV(‖F‖₂)/CV(χ_d) (1), RMS cosine·√d (1), CV of pairwise distances/CV(χ_d) (1); with `init`, cos²(W, W₀) and the learned part's kurtosis."
+    W = filter_matrix(weight); n, d = W.shape
+    if n < 3: raise ValueError(f"cwda_statistics needs at least 3 filters, got weight of shape {tuple(weight.shape)}")
+    i, j = torch.triu_indices(n, n, 1)
+    nrm = W.norm(dim=1); U = W / nrm.clamp_min(1e-300)[:, None]
+    cos, dist = (U @ U.T)[i, j], torch.cdist(W, W)[i, j]                 # the n(n−1)/2 pairs
+    cv = lambda v: float(v.std(unbiased=False) / v.mean()); chi = float(chi_cv(d))
+    out = dict(n=n, d=d, kurtosis=_kurt(W), cv_ratio=cv(nrm) / chi, ortho=float((cos ** 2).mean().sqrt()) * math.sqrt(d),
+               equidistance=cv(dist) / chi)
+    if init is not None:
+        W0 = filter_matrix(init)
+        if W0.shape != W.shape: raise ValueError(f"init must have the weight's shape {tuple(weight.shape)}, got {tuple(init.shape)}")
+        out.update(init_share=float((W * W0).sum() ** 2 / ((W * W).sum() * (W0 * W0).sum())),   # cos²(W, W₀)
+                   moved=float((W - W0).norm() / W0.norm()), kurtosis_update=_kurt(W - W0))
+    return out
+
+def cwda_surrogate(weight:Tensor, # the layer whose shape and mean square the surrogate copies
+                   kind:str='gauss', # 'gauss' (CWDA), 'laplace' (i.i.d., excess kurtosis 3) or 'mixture' (per-filter scales)
+                   seed:int=0,
+                  ) -> Tensor:
+    "A random layer with the shape and mean square of `weight`: i.i.d. Gaussian (CWDA) or an alternative of the same variance."
+    if kind not in ('gauss', 'laplace', 'mixture'): raise ValueError(f"kind must be 'gauss', 'laplace' or 'mixture', got {kind!r}")
+    g = torch.Generator().manual_seed(seed); shape = tuple(weight.shape)
+    s = weight.detach().double().pow(2).mean().sqrt()
+    if kind == 'laplace':                                             # inverse CDF of Laplace(0, 1/√2): variance 1
+        u = torch.rand(shape, generator=g, dtype=torch.float64) - 0.5
+        z = -torch.sign(u) * torch.log1p(-2 * u.abs()) / math.sqrt(2)
+    else:
+        z = torch.randn(shape, generator=g, dtype=torch.float64)
+        if kind == 'mixture':                                         # scale 0.5 or √1.75 per filter: E s² = 1
+            sc = torch.where(torch.rand(shape[0], generator=g) < 0.5, 0.5, math.sqrt(1.75)).double()
+            z = z * sc.reshape(-1, *[1] * (len(shape) - 1))
+    return (s * z).to(weight.dtype if weight.is_floating_point() else torch.float32)
 
 # %% ../../nbs/30_compression/01_prune.criteria.ipynb #96e2b006
 def _slice_conv_out(conv, keep):

@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 __all__ = ['ChannelGroups', 'trace_groups', 'layer_flops', 'GroupFisher', 'prune_model', 'count_flops', 'GroupFisherPruning']
 
 # %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #3345b0b8
-from fastcore.basics import store_attr
+from fastcore.basics import store_attr, patch
 from fastai.callback.core import Callback, CancelFitException
 
 # %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #a1732ad9
@@ -48,6 +48,8 @@ class _UF:
             if t not in skip: u._union(a, b)
         return u
 
+
+# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #aabb49a5
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.Identity,
                  nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool1d, nn.AvgPool1d,
                  nn.AdaptiveAvgPool1d, nn.Flatten)
@@ -73,6 +75,8 @@ def _shape(n):
     tm = n.meta.get('tensor_meta') if isinstance(n, torch.fx.Node) else None
     return tuple(tm.shape) if tm is not None and hasattr(tm, 'shape') else None
 
+
+# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #12d314c1
 @dataclass
 class ChannelGroups:
     "Which channels of which layers must be pruned together (one entry per group)."
@@ -84,6 +88,52 @@ class ChannelGroups:
     kept: list = field(default_factory=list)  # (node, op, layers): ops not understood that keep these layers' output channels
     def __len__(self): return len(self.members)
 
+
+# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #9f4761b8
+def _flat(o):
+    if isinstance(o, (list, tuple)): return [y for x in o for y in _flat(x)]
+    if isinstance(o, dict): return [y for x in o.values() for y in _flat(x)]
+    return [o]
+
+def _label_groups(uf, FIXED, layers, bns):
+    "Number the sets of united channel ids that some layer produces and some layer consumes; label every layer's channels."
+    root = lambda a: np.array([uf.find(i) for i in a.tolist()])
+    fixed = uf.find(FIXED)
+    consumed = {r for x, _ in layers.values() if x is not None for r in root(x).tolist()} - {fixed}
+    produced = {r for _, o in layers.values() for r in root(o).tolist()} - {fixed}
+    gid = {r: k for k, r in enumerate(sorted(consumed & produced))}
+    members = [dict(producers=[], consumers=[], bns=[]) for _ in gid]
+    def label(a, name, kind):
+        if a is None: return None
+        t = torch.tensor([gid.get(r, -1) for r in root(a).tolist()], dtype=torch.long)
+        for c, k in enumerate(t.tolist()):
+            if k >= 0: members[k][kind].append((name, c))
+        return t
+    cons = {k: label(x, k, 'consumers') for k, (x, _) in layers.items()}
+    prods = {k: label(o, k, 'producers') for k, (_, o) in layers.items()}
+    return dict(consumers=cons, producers=prods, bns={k: label(x, k, 'bns') for k, x in bns.items()}, members=members)
+
+def _kept(uf, FIXED, layers, kept) -> list:
+    "Which ops that were not understood cost prunable channels (replaying the unions without them), with one warning."
+    if not kept: return []
+    u0 = uf.replay({k for k, _, _ in kept}); f0 = u0.find(FIXED)
+    r0 = lambda a: {u0.find(i) for i in a.tolist()} - {f0}
+    prod = {k: r0(o) for k, (_, o) in layers.items()}
+    cand = set().union(*(r0(x) for x, _ in layers.values() if x is not None)) & set().union(*prod.values())
+    res = []
+    for node, op, arrs in kept:
+        lost = set().union(*(r0(a) for a in arrs)) & cand
+        if lost: res.append((node, op, [k for k, r in prod.items() if r & lost]))
+    if res:
+        lines = [f"  {op} (node {node!r}) reads the output channels of {', '.join(map(repr, ls))}" for node, op, ls in res]
+        if len(lines) > 10: lines = lines[:10] + [f"  ... and {len(lines) - 10} more (`ChannelGroups.kept`)"]
+        warnings.warn("trace_groups: the channel grouping does not understand these ops (a selection, reduction, split or "
+                      "reshape over channels, or an op it does not know), so the channels they read are kept (not pruned):\n"
+                      + "\n".join(lines), stacklevel=3)
+    return res
+
+
+# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #4000ce18
 def trace_groups(model:nn.Module, # the network; leaf layers of interest: Conv*d, Linear, BatchNorm*d
                  example:Tensor, # an example input batch (used for the output shapes)
                 ) -> ChannelGroups:
@@ -122,13 +172,11 @@ def trace_groups(model:nn.Module, # the network; leaf layers of interest: Conv*d
                 keep(n, [x]); x = None                 # layer called twice, or input channels not traceable
             out = uf.new(s[1])
             g = getattr(m, 'groups', 1)
-            if g > 1:
-                if x is None or cin != s[1]: keep(n, [x, out])
-                else:
-                    uf.union(x, out)                   # GConv: input channel c and output channel c go together,
-                    cpg = cin // g                     # and local channel j goes together in every conv-group
-                    if cpg > 1:                        # (a depth-wise conv, cpg = 1, only unites in c with out c)
-                        for j in range(cpg): uf.union(np.full(g - 1, x[j]), x[j + cpg::cpg])
+            if g > 1:                                  # GConv: conv-group k reads input block k (c_in/g channels) and
+                if x is None: keep(n, [out])           # writes output block k (c_out/g): the pruning unit is the whole
+                else:                                  # conv-group, both blocks (depth-wise: input c with output c)
+                    for xb, ob in zip(np.split(x, g), np.split(out, g)):
+                        uf.union(np.full(len(xb) + len(ob) - 1, xb[0]), np.concatenate([xb[1:], ob]))
             if n.target in layers: keep(n, [layers[n.target][1], out])
             layers[n.target] = (x, out); out_hw[n.target] = int(np.prod(s[2:])) if len(s) > 2 else 1
             ids[n] = out
@@ -156,62 +204,27 @@ def trace_groups(model:nn.Module, # the network; leaf layers of interest: Conv*d
         else:                                          # anything else (a reduction or selection over channels, view,
             keep(n, [ids[a] for a in targs])           # reshape, permute, slicing, ...): its input channels are kept
             ids[n] = None
-    root = lambda a: np.array([uf.find(i) for i in a.tolist()])
-    fixed = uf.find(FIXED)
-    consumed = {r for x, _ in layers.values() if x is not None for r in root(x).tolist()} - {fixed}
-    produced = {r for _, o in layers.values() for r in root(o).tolist()} - {fixed}
-    gid = {r: k for k, r in enumerate(sorted(consumed & produced))}
-    members = [dict(producers=[], consumers=[], bns=[]) for _ in gid]
-    def label(a, name, kind):
-        if a is None: return None
-        t = torch.tensor([gid.get(r, -1) for r in root(a).tolist()], dtype=torch.long)
-        for c, k in enumerate(t.tolist()):
-            if k >= 0: members[k][kind].append((name, c))
-        return t
-    cons = {k: label(x, k, 'consumers') for k, (x, _) in layers.items()}
-    prods = {k: label(o, k, 'producers') for k, (_, o) in layers.items()}
-    bnl = {k: label(x, k, 'bns') for k, x in bns.items()}
-    return ChannelGroups({k: v for k, v in cons.items()}, prods, bnl, out_hw, members, _kept(uf, FIXED, layers, kept))
+    return ChannelGroups(**_label_groups(uf, FIXED, layers, bns), out_hw=out_hw, kept=_kept(uf, FIXED, layers, kept))
 
-def _kept(uf, FIXED, layers, kept) -> list:
-    "Which ops that were not understood cost prunable channels (replaying the unions without them), with one warning."
-    if not kept: return []
-    u0 = uf.replay({k for k, _, _ in kept}); f0 = u0.find(FIXED)
-    r0 = lambda a: {u0.find(i) for i in a.tolist()} - {f0}
-    prod = {k: r0(o) for k, (_, o) in layers.items()}
-    cand = set().union(*(r0(x) for x, _ in layers.values() if x is not None)) & set().union(*prod.values())
-    res = []
-    for node, op, arrs in kept:
-        lost = set().union(*(r0(a) for a in arrs)) & cand
-        if lost: res.append((node, op, [k for k, r in prod.items() if r & lost]))
-    if res:
-        lines = [f"  {op} (node {node!r}) reads the output channels of {', '.join(map(repr, ls))}" for node, op, ls in res]
-        if len(lines) > 10: lines = lines[:10] + [f"  ... and {len(lines) - 10} more (`ChannelGroups.kept`)"]
-        warnings.warn("trace_groups: the channel grouping does not understand these ops (a selection, reduction, split or "
-                      "reshape over channels, or an op it does not know), so the channels they read are kept (not pruned):\n"
-                      + "\n".join(lines), stacklevel=3)
-    return res
-
-def _flat(o):
-    if isinstance(o, (list, tuple)): return [y for x in o for y in _flat(x)]
-    if isinstance(o, dict): return [y for x in o.values() for y in _flat(x)]
-    return [o]
 
 # %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #c013fb2c
 def layer_flops(m:nn.Module, cin:int, cout:int, hw:int) -> int:
     "Multiply-accumulates of a Conv/Linear layer with `cin`/`cout` channels left and `hw` output positions per sample."
     if isinstance(m, nn.Linear): return cin * cout
     k = int(np.prod(m.kernel_size))
-    if m.groups == m.in_channels and m.groups > 1: return cout * k * hw      # depth-wise: one filter per channel
-    return cout * (cin // m.groups) * k * hw
+    if m.groups > 1: return cout * (m.in_channels // m.groups) * k * hw     # GConv: every filter reads its conv-group's
+    return cout * cin * k * hw                                               # c_in/g channels (whole conv-groups are pruned)
 
+
+# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #f9530d13
 class GroupFisher:
     "Channel masks on every Conv/Linear input, hooks that accumulate the group Fisher, and the pruning step."
     def __init__(self, model:nn.Module, # the network to prune (hooks are added to it)
                  example:Tensor, # an example input batch, for tracing
-                 criterion:str='memory', # 'memory', 'flops', 'none' (Fisher, unnormalised) or 'l1' (filter norm)
+                 criterion:str='memory', # 'memory', 'flops', 'none' (Fisher, unnormalised), 'l1' (filter norm) or 'random' (a control)
+                 seed:int=0, # seeds the 'random' criterion's scores
                 ):
-        self.model, self.criterion = model, criterion
+        self.model, self.criterion, self._gen = model, criterion, torch.Generator().manual_seed(seed)
         was = model.training; model.eval()                          # tracing must not touch BN running stats
         with torch.no_grad(): self.groups = g = trace_groups(model, example)
         model.train(was)
@@ -248,89 +261,112 @@ class GroupFisher:
         "After a backward pass: square the per-sample group gradients and add them to the Fisher estimate."
         if self._batch is not None: self.fisher += (self._batch.double() ** 2).sum(0).cpu(); self._batch = None
 
-    def _alive(self, t): return (t < 0) | self.alive[t.clamp(min=0)] if len(self.alive) else torch.ones_like(t, dtype=torch.bool)
-    def counts(self):
-        "Remaining (input, output) channels of every Conv/Linear layer."
-        g = self.groups; res = {}
-        for k in g.producers:
-            m = self.mods[k]; ci = g.consumers.get(k)
-            cin = int(self._alive(ci).sum()) if ci is not None else (m.in_channels if isinstance(m, _ConvNd) else m.in_features)
-            res[k] = (cin, int(self._alive(g.producers[k]).sum()))
-        return res
 
-    def flops(self) -> int:
-        "Multiply-accumulates of the Conv/Linear layers per sample, counting only channels still alive."
-        return sum(layer_flops(self.mods[k], ci, co, self.groups.out_hw[k]) for k, (ci, co) in self.counts().items())
+# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #1444ed86
+@patch
+def _alive(self:GroupFisher, t): return (t < 0) | self.alive[t.clamp(min=0)] if len(self.alive) else torch.ones_like(t, dtype=torch.bool)
+@patch
+def counts(self:GroupFisher):
+    "Remaining (input, output) channels of every Conv/Linear layer."
+    g = self.groups; res = {}
+    for k in g.producers:
+        m = self.mods[k]; ci = g.consumers.get(k)
+        cin = int(self._alive(ci).sum()) if ci is not None else (m.in_channels if isinstance(m, _ConvNd) else m.in_features)
+        res[k] = (cin, int(self._alive(g.producers[k]).sum()))
+    return res
 
-    def delta_flops(self) -> Tensor:
-        "FLOPs each alive group would remove now (with the channels that remain)."
-        cnt, d = self.counts(), torch.zeros(len(self.groups), dtype=torch.float64)
-        for i in torch.nonzero(self.alive).flatten().tolist():
-            mem = self.groups.members[i]; rin, rout = {}, {}
-            for k, _ in mem['consumers']: rin[k] = rin.get(k, 0) + 1
-            for k, _ in mem['producers']: rout[k] = rout.get(k, 0) + 1
-            for k in set(rin) | set(rout):
-                ci, co = cnt[k]; m, hw = self.mods[k], self.groups.out_hw[k]
-                d[i] += layer_flops(m, ci, co, hw) - layer_flops(m, ci - rin.get(k, 0), co - rout.get(k, 0), hw)
-        return d
+@patch
+def flops(self:GroupFisher) -> int:
+    "Multiply-accumulates of the Conv/Linear layers per sample, counting only channels still alive."
+    return sum(layer_flops(self.mods[k], ci, co, self.groups.out_hw[k]) for k, (ci, co) in self.counts().items())
 
-    def prunable(self) -> Tensor:
-        "Alive groups whose removal leaves every layer at least one input and one output channel."
-        cnt, ok = self.counts(), self.alive.clone()
-        for i in torch.nonzero(self.alive).flatten().tolist():
-            mem = self.groups.members[i]; rin, rout = {}, {}
-            for k, _ in mem['consumers']: rin[k] = rin.get(k, 0) + 1
-            for k, _ in mem['producers']: rout[k] = rout.get(k, 0) + 1
-            if any(cnt[k][0] <= r for k, r in rin.items()) or any(cnt[k][1] <= r for k, r in rout.items()): ok[i] = False
-        return ok
+@patch
+def delta_flops(self:GroupFisher) -> Tensor:
+    "FLOPs each alive group would remove now (with the channels that remain)."
+    cnt, d = self.counts(), torch.zeros(len(self.groups), dtype=torch.float64)
+    for i in torch.nonzero(self.alive).flatten().tolist():
+        mem = self.groups.members[i]; rin, rout = {}, {}
+        for k, _ in mem['consumers']: rin[k] = rin.get(k, 0) + 1
+        for k, _ in mem['producers']: rout[k] = rout.get(k, 0) + 1
+        for k in set(rin) | set(rout):
+            ci, co = cnt[k]; m, hw = self.mods[k], self.groups.out_hw[k]
+            d[i] += layer_flops(m, ci, co, hw) - layer_flops(m, ci - rin.get(k, 0), co - rout.get(k, 0), hw)
+    return d
 
-    def l1(self) -> Tensor:
-        "Mean ℓ1 norm (per weight) of the filters producing each group's channels (the magnitude baseline)."
-        s, n = torch.zeros(len(self.groups), dtype=torch.float64), torch.zeros(len(self.groups), dtype=torch.float64)
-        for k, t in self.groups.producers.items():
-            w = self.mods[k].weight.detach().flatten(1).abs().mean(1).double().cpu(); sel = t >= 0
-            s.index_add_(0, t[sel], w[sel]); n.index_add_(0, t[sel], torch.ones(int(sel.sum()), dtype=torch.float64))
-        return s / n.clamp(min=1)
+@patch
+def prunable(self:GroupFisher) -> Tensor:
+    "Alive groups whose removal leaves every layer at least one input and one output channel."
+    cnt, ok = self.counts(), self.alive.clone()
+    for i in torch.nonzero(self.alive).flatten().tolist():
+        mem = self.groups.members[i]; rin, rout = {}, {}
+        for k, _ in mem['consumers']: rin[k] = rin.get(k, 0) + 1
+        for k, _ in mem['producers']: rout[k] = rout.get(k, 0) + 1
+        if any(cnt[k][0] <= r for k, r in rin.items()) or any(cnt[k][1] <= r for k, r in rout.items()): ok[i] = False
+    return ok
 
-    def scores(self, criterion:str|None=None) -> Tensor:
-        "Importance of every group (lower = pruned first); inf for groups that are gone or may not be pruned."
-        return torch.where(self.prunable(), self._scores(criterion), torch.tensor(math.inf, dtype=torch.float64))
 
-    def _scores(self, criterion=None):
-        c = criterion or self.criterion
-        if c == 'memory': s = self.fisher / self.memory
-        elif c == 'flops': s = self.fisher / self.delta_flops().clamp(min=1)
-        elif c == 'none': s = self.fisher.clone()
-        elif c == 'l1': s = self.l1()
-        else: raise ValueError(f"unknown criterion {c!r}")
-        return s
+# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #5aba1676
+@patch
+def l1(self:GroupFisher) -> Tensor:
+    "Mean ℓ1 norm (per weight) of the filters producing each group's channels (the magnitude baseline)."
+    s, n = torch.zeros(len(self.groups), dtype=torch.float64), torch.zeros(len(self.groups), dtype=torch.float64)
+    for k, t in self.groups.producers.items():
+        w = self.mods[k].weight.detach().flatten(1).abs().mean(1).double().cpu(); sel = t >= 0
+        s.index_add_(0, t[sel], w[sel]); n.index_add_(0, t[sel], torch.ones(int(sel.sum()), dtype=torch.float64))
+    return s / n.clamp(min=1)
 
-    def prune_group(self, i:int):
-        "Mask every channel of group `i` (on the inputs of all layers that read it)."
-        self.alive[i] = False
-        for k, c in self.groups.members[i]['consumers']: self.masks[k][c] = 0.
+@patch
+def scores(self:GroupFisher, criterion:str|None=None) -> Tensor:
+    "Importance of every group (lower = pruned first); inf for groups that are gone or may not be pruned."
+    return torch.where(self.prunable(), self._scores(criterion), torch.tensor(math.inf, dtype=torch.float64))
 
-    def step(self) -> int|None:
-        "Prune the least important prunable group, reset the Fisher accumulators, return its index (None: none is left)."
-        ok = torch.nonzero(self.prunable()).flatten()
-        if not len(ok): return None
-        i = int(ok[self._scores()[ok].argmin()]); self.prune_group(i); self.fisher.zero_(); return i
+@patch
+def _scores(self:GroupFisher, criterion=None):
+    c = criterion or self.criterion
+    if c == 'memory': s = self.fisher / self.memory
+    elif c == 'flops': s = self.fisher / self.delta_flops().clamp(min=1)
+    elif c == 'none': s = self.fisher.clone()
+    elif c == 'l1': s = self.l1()
+    elif c == 'random': s = torch.rand(len(self.groups), dtype=torch.float64, generator=self._gen)
+    else: raise ValueError(f"unknown criterion {c!r}")
+    return s
 
-    def state_dict(self) -> dict:
-        "The pruning state — alive groups, accumulated Fisher, masks — as tensors (loadable with `weights_only=True`)."
-        return dict(alive=self.alive.clone(), fisher=self.fisher.clone(), masks={k: v.clone() for k, v in self.masks.items()})
+@patch
+def prune_group(self:GroupFisher, i:int):
+    "Mask every channel of group `i` (on the inputs of all layers that read it)."
+    self.alive[i] = False
+    for k, c in self.groups.members[i]['consumers']: self.masks[k][c] = 0.
 
-    def load_state_dict(self, sd:dict):
-        "Restore a `state_dict()` taken from the same model (same grouping), in place."
-        if len(sd['alive']) != len(self.alive) or set(sd['masks']) != set(self.masks):
-            raise ValueError(f"pruning state has {len(sd['alive'])} groups / {len(sd['masks'])} masks; this model has "
-                             f"{len(self.alive)} / {len(self.masks)}: not the same network")
-        self.alive.copy_(sd['alive']); self.fisher.copy_(sd['fisher']); self._batch = None
-        for k, v in sd['masks'].items(): self.masks[k].copy_(v)
+@patch
+def step(self:GroupFisher) -> int|None:
+    "Prune the least important prunable group, reset the Fisher accumulators, return its index (None: none is left)."
+    ok = torch.nonzero(self.prunable()).flatten()
+    if not len(ok): return None
+    i = int(ok[self._scores()[ok].argmin()]); self.prune_group(i); self.fisher.zero_(); return i
 
-    def remove(self):
-        "Remove the hooks."
-        for h in self.handles.values(): h.remove()
+
+# %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #c3313555
+@patch
+def state_dict(self:GroupFisher) -> dict:
+    "The pruning state — alive groups, accumulated Fisher, masks, the 'random' criterion's generator — as tensors (loadable with `weights_only=True`)."
+    return dict(alive=self.alive.clone(), fisher=self.fisher.clone(), masks={k: v.clone() for k, v in self.masks.items()},
+                rng=self._gen.get_state())
+
+@patch
+def load_state_dict(self:GroupFisher, sd:dict):
+    "Restore a `state_dict()` taken from the same model (same grouping), in place."
+    if len(sd['alive']) != len(self.alive) or set(sd['masks']) != set(self.masks):
+        raise ValueError(f"pruning state has {len(sd['alive'])} groups / {len(sd['masks'])} masks; this model has "
+                         f"{len(self.alive)} / {len(self.masks)}: not the same network")
+    self.alive.copy_(sd['alive']); self.fisher.copy_(sd['fisher']); self._batch = None
+    for k, v in sd['masks'].items(): self.masks[k].copy_(v)
+    if 'rng' in sd: self._gen.set_state(sd['rng'])
+
+@patch
+def remove(self:GroupFisher):
+    "Remove the hooks."
+    for h in self.handles.values(): h.remove()
+
 
 # %% ../../nbs/30_compression/02_prune.group_fisher.ipynb #67c9c35d
 def _set(model, name, new):
@@ -350,12 +386,13 @@ def prune_model(gf:GroupFisher) -> nn.Module:
             ki = ki if ki is not None else torch.arange(m.in_features)
             new = nn.Linear(len(ki), len(ko), bias=m.bias is not None); w = w[:, ki]
         else:
-            cin = len(ki) if ki is not None else m.in_channels
-            dw = m.groups == m.in_channels and m.groups > 1
-            groups = len(ko) if dw else m.groups
-            if ki is not None and not dw:
-                cpg = m.in_channels // m.groups
-                w = w[:, ki[ki < cpg]] if m.groups > 1 else w[:, ki]
+            cin, groups = (len(ki) if ki is not None else m.in_channels), m.groups
+            if m.groups > 1:                              # whole conv-groups went: fewer groups, the same filters
+                groups = cin // (m.in_channels // m.groups)
+                if groups * (m.out_channels // m.groups) != len(ko) or groups * (m.in_channels // m.groups) != cin:
+                    raise RuntimeError(f"{k}: pruned channels do not form whole conv-groups ({cin} in, {len(ko)} out of "
+                                       f"{m.in_channels}, {m.out_channels} in {m.groups} groups)")
+            elif ki is not None: w = w[:, ki]
             new = type(m)(cin, len(ko), m.kernel_size, m.stride, m.padding, m.dilation, groups, m.bias is not None, m.padding_mode)
         new.weight.data.copy_(w)
         if m.bias is not None: new.bias.data.copy_(m.bias.detach()[ko])
@@ -400,7 +437,7 @@ class GroupFisherPruning(Callback):
     def before_fit(self):
         self.pruning = self.gf.flops() > self.target * self.gf.flops0
         if self.pruning and not self.gf.prunable().any(): self._stuck(); self.pruning = False
-        self.gf.collect = self.pruning and self.gf.criterion != 'l1'
+        self.gf.collect = self.pruning and self.gf.criterion not in ('l1', 'random')
     def before_batch(self):
         self._lr = None
         if not self.training: return

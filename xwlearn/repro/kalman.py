@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn, Tensor
+import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['NORM_METHODS', 'mnist1d_norm_model', 'train_mnist1d_norm', 'eval_train_stats', 'prediction_quality',
-           'kalman_reproduction', 'kalman_cifar10_resnet32', 'kalman_imagenet_resnet50']
+__all__ = ['NORM_METHODS', 'mnist1d_norm_model', 'train_mnist1d_norm', 'eval_train_stats', 'prediction_quality', 'PreActBlock',
+           'PreActCifarResNet', 'preact_resnet', 'convert_preact_to_bkn', 'resnet_init_quality', 'kalman_reproduction',
+           'kalman_cifar10_resnet32', 'kalman_imagenet_resnet50']
 
 # %% ../../nbs/10_normalization/02a_repro.kalman.ipynb #fdb27e40
 from fastai.learner import Learner
@@ -26,10 +28,10 @@ from fastai.callback.schedule import ParamScheduler
 from fastai.callback.progress import ProgressCallback  # also adds `Learner.no_bar`
 from fastprogress.fastprogress import progress_bar
 from ..core import set_seed, reproduction, recipe, Measured, mean_se, better, equivalent
-from ..data import mnist1d_dls, cifar10_dls, imagenet_dls
+from ..data import mnist1d_dls, cifar10_dls, imagenet_dls, make_shapes_classification
 from ..nets import mnist1d_mlp, mnist1d_cnn, cifar_resnet
 from .kit import save_fig, piecewise_lr, step_schedule, classification_learner
-from ..norm.kalman import _BatchKalmanNorm, grouped_moments, convert_bn_to_bkn, precise_bn, bkn_splitter
+from ..norm.kalman import _BatchKalmanNorm, _bkn_from_bn, grouped_moments, convert_bn_to_bkn, precise_bn, bkn_splitter, ResidualPrediction
 
 # %% ../../nbs/10_normalization/02a_repro.kalman.ipynb #724d8d5a
 NORM_METHODS = ('bn', 'bkn', 'ln', 'gn')
@@ -100,6 +102,82 @@ def prediction_quality(model:nn.Module, # a network with linked BKN layers (p > 
                         pred_var_ratio=(var_p.mean(0) / ref_v).median().item()))
     return out
 
+# %% ../../nbs/10_normalization/02a_repro.kalman.ipynb #c284ed69
+class PreActBlock(nn.Module):
+    "Pre-activation basic unit of the official code: [BN → ReLU →] conv → BN → ReLU → conv, plus the shortcut (2×2 avg-pool, zero-padded channels)."
+    def __init__(self, ci:int, co:int, stride:int=1,
+                 first:bool=False, # the first unit: no BN/ReLU on its input (the stem's output is already activated)
+                ):
+        super().__init__()
+        self.bn1 = None if first else nn.BatchNorm2d(ci)
+        self.conv1, self.bn2 = nn.Conv2d(ci, co, 3, stride, 1, bias=False), nn.BatchNorm2d(co)
+        self.conv2 = nn.Conv2d(co, co, 3, 1, 1, bias=False)
+        self.stride, self.extra = stride, co - ci
+
+    def forward(self, x):                                    # x: (B, ci, H, W) → (B, co, H/stride, W/stride), not activated
+        b = x if self.bn1 is None else F.relu(self.bn1(x))
+        c = self.conv2(F.relu(self.bn2(self.conv1(b))))
+        s = F.avg_pool2d(x, self.stride) if self.stride > 1 else x
+        if self.extra: s = F.pad(s, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        return c + s
+
+class PreActCifarResNet(nn.Module):
+    "The official CIFAR network of `cifar-kn-microbatch.py`: pre-activation ResNet-(6n+2), widths 16/32/64."
+    def __init__(self, n:int=5, n_classes:int=10, widths:tuple=(16, 32, 64)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        blocks, ci = [], widths[0]
+        for s, co in enumerate(widths):
+            for k in range(n):
+                blocks.append(PreActBlock(ci, co, 2 if s > 0 and k == 0 else 1, first=s == 0 and k == 0)); ci = co
+        self.blocks, self.bn, self.fc = nn.Sequential(*blocks), nn.BatchNorm2d(ci), nn.Linear(ci, n_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+
+    def forward(self, x):                                    # (B, 3, H, W) → logits (B, n_classes)
+        return self.fc(F.relu(self.bn(self.blocks(self.stem(x)))).mean((2, 3)))
+
+def preact_resnet(depth:int=32, n_classes:int=10) -> PreActCifarResNet:
+    "The official pre-activation CIFAR ResNet of depth 6n+2 (32: the micro-batch runs)."
+    if (depth - 2) % 6 or depth < 8: raise ValueError(f"depth must be 6n+2 ≥ 8 (20, 32, 44, ...), got {depth}")
+    return PreActCifarResNet((depth - 2) // 6, n_classes)
+
+def convert_preact_to_bkn(model:PreActCifarResNet, group_size:int|None=2, p:float=0.9, mc_samples:int=64,
+                          fallback_ratio:float=100.) -> PreActCifarResNet:
+    "Replace the BN layers of a `PreActCifarResNet` (in place) by BKN layers linked as in the official code; returns `model`."
+    if not isinstance(model, PreActCifarResNet): raise TypeError(f"convert_preact_to_bkn expects a PreActCifarResNet, got {type(model).__name__}")
+    kw = dict(group_size=group_size, p=p, mc_samples=mc_samples, fallback_ratio=fallback_ratio)
+    model.stem[1] = src = _bkn_from_bn(model.stem[1], **kw)             # unlinked: micro-batch BN
+    for blk in model.blocks:
+        inner = src
+        if blk.bn1 is not None: blk.bn1 = inner = _bkn_from_bn(blk.bn1, **kw).link(src)   # the sum's prediction, as is
+        blk.bn2 = _bkn_from_bn(blk.bn2, **kw).link(inner, nn.ReLU(), blk.conv1)
+        src = ResidualPrediction(src, blk.bn2, nn.ReLU(), blk.conv2, blk.extra, mc_samples)   # official: m + m3
+    model.bn = _bkn_from_bn(model.bn, **kw).link(src)
+    return model
+
+# %% ../../nbs/10_normalization/02a_repro.kalman.ipynb #61ea9fbe
+def _shape_batch(n:int, seed:int) -> Tensor:
+    "n procedural 32×32 shape images, (n, 3, 32, 32), each channel standardised over the batch."
+    ims, _, _ = make_shapes_classification(n, size=32, seed=seed)
+    x = torch.from_numpy(ims).float().permute(0, 3, 1, 2) / 255
+    return (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+
+@torch.no_grad()
+def resnet_init_quality(arch:str='preact', # 'preact': the official network (`preact_resnet`); 'postact': `xwlearn.nets.cifar_resnet`
+                        depth:int=32, n:int=128, # network depth; images in the batch
+                        micro:int=2, p:float=0.9, mc_samples:int=64, seed:int=0) -> dict:
+    "BKN's prediction quality at initialisation in a CIFAR ResNet on procedural 32×32 images (medians over the linked layers)."
+    if arch not in ('preact', 'postact'): raise ValueError(f"arch must be 'preact' or 'postact', got {arch!r}")
+    set_seed(seed)
+    net = (convert_preact_to_bkn(preact_resnet(depth), micro, p, mc_samples) if arch == 'preact'
+           else convert_bn_to_bkn(cifar_resnet(depth), group_size=micro, p=p, mc_samples=mc_samples))
+    q = prediction_quality(net, _shape_batch(n, seed))
+    med = lambda k: float(np.median([d[k] for d in q]))
+    return dict(arch=arch, depth=depth, layers=len(q), **{k: med(k) for k in ('pred_mean_err', 'pred_logvar_err', 'obs_mean_err', 'obs_logvar_err', 'pred_var_ratio')},
+                pred_var_closer=float(np.mean([d['pred_logvar_err'] < d['obs_logvar_err'] for d in q])),
+                used=float(np.mean([d['gain'] > 0 for d in q])))
+
 # %% ../../nbs/10_normalization/02a_repro.kalman.ipynb #2b9666a8
 def _plot_kalman(res, sizes):
     "Test accuracy against the micro-batch size, one panel per architecture; error bars: SE over seeds."
@@ -124,14 +202,14 @@ def _plot_kalman(res, sizes):
 @reproduction('kalman',
               claim="With micro-batches, Batch Kalman Normalization trains as well as BatchNorm with a large batch, and far better than BN at the same micro-batch",
               paper_value="CIFAR-10/100: comparable accuracy at batch 2 vs 128 (64× smaller); ImageNet InceptionV2 74.0 % top-1; NeurIPS version: ResNet-50 at batch 4, 3.4 % lower error than BN",
-              scale="MNIST-1D 3×256 MLP, 8 epochs, optimizer batch 128, statistics over micro-batches of 2/4/8/128: BN, BN+PreciseBN (2/4/8/128), BKN p 0.9 closed-form prediction (2/8; one Monte-Carlo run at 2), LayerNorm, 3 seeds; 1-D CNN 4 epochs: BN, BN+PreciseBN at 2/128, BKN at 2, GroupNorm, 3 seeds; ~3 CPU-min")
+              scale="MNIST-1D 1-D CNN (the verdict) 4 epochs, optimizer batch 128, statistics over micro-batches of 2: BN, BN+PreciseBN at 2/128, BKN p 0.9 closed-form prediction at 2, GroupNorm, 3 seeds; context: 3×256 MLP 8 epochs (BN, BN+PreciseBN at 2/4/8/128, BKN at 2/8, one Monte-Carlo run at 2, LayerNorm); prediction quality at init in pre-/post-activation ResNet-32 on 32×32 shapes, 3 seeds; ~5 CPU-min")
 def kalman_reproduction(out_dir:Path, test:bool=False) -> Measured:
-    "BN, BN + PreciseBN, BKN and LN/GN vs micro-batch size on MNIST-1D; checks: BKN at 2 ≈ BN at 128 (±2 points), BKN at 2 > BN+PreciseBN at 2 (> 1 point)."
+    "BN, BN + PreciseBN, BKN and LN/GN vs micro-batch size on MNIST-1D; checks on the CNN: BKN at 2 ≈ BN at 128 (±2 points), BKN at 2 > BN+PreciseBN at 2 (> 1 point)."
     out_dir = Path(out_dir)
     seeds, ep_mlp, ep_cnn = ([0], 1, 1) if test else ([0, 1, 2], 8, 4)
-    sizes, bkn_sizes = ([2, None], [2]) if test else ([2, 4, 8, None], [2, 8])   # BKN is the slow one: 2 sizes
-    runs = [('mlp', 'bn', s, ep_mlp) for s in sizes] + [('mlp', 'bkn', s, ep_mlp) for s in bkn_sizes] + [('mlp', 'ln', None, ep_mlp)]
-    if not test: runs += [('cnn', 'bn', s, ep_cnn) for s in (2, None)] + [('cnn', 'bkn', 2, ep_cnn), ('cnn', 'gn', None, ep_cnn)]
+    sizes, bkn_sizes = ([2], [2]) if test else ([2, 4, 8, None], [2, 8])   # BKN is the slow one: 2 sizes
+    runs = [('mlp', 'bn', s, ep_mlp) for s in sizes] + [('mlp', 'bkn', s, ep_mlp) for s in bkn_sizes] + ([] if test else [('mlp', 'ln', None, ep_mlp)])
+    runs += [('cnn', 'bn', s, ep_cnn) for s in (2, None)] + [('cnn', 'bkn', 2, ep_cnn)] + ([] if test else [('cnn', 'gn', None, ep_cnn)])
     res, mc = {}, None
     for (a, m, s, ep) in progress_bar(runs, leave=False):
         res[(a, m, s)] = [train_mnist1d_norm(a, m, s, seed=sd, epochs=ep, precise=m == 'bn', mc_samples=0) for sd in seeds]
@@ -139,41 +217,50 @@ def kalman_reproduction(out_dir:Path, test:bool=False) -> Measured:
     pq = res[('mlp', 'bkn', 2)][0].pop('prediction_quality')          # the prediction's quality, trained BKN MLP at 2, seed 0
     for rs in res.values():
         for r in rs: r.pop('prediction_quality', None)
+    n_init = 32 if test else 128                                       # prediction quality at init in CIFAR ResNets (official: pre-activation)
+    init_q = {a: [resnet_init_quality(a, depth=8 if test else 32, n=n_init, seed=sd) for sd in seeds] for a in ('preact', 'postact')}
     plot = save_fig(_plot_kalman(res, sizes), out_dir, 'kalman_microbatch.png')
     acc = {f"{a}/{m}/{s or 128}/{k}": [100 * r[k] for r in rs] for (a, m, s), rs in res.items() for k in rs[0]}   # per seed, %
     v = lambda a, m, s, k='acc': acc[f"{a}/{m}/{s}/{k}"]
-    checks = [equivalent("BKN at micro-batch 2 ≈ BN at batch 128 (MLP test acc %)", v('mlp', 'bkn', 2), v('mlp', 'bn', 128), margin=2.0),
-              better("BKN at micro-batch 2 > BN + PreciseBN at 2 (MLP test acc %)", v('mlp', 'bkn', 2), v('mlp', 'bn', 2, 'acc_precise'), margin=1.0)]
+    checks = [equivalent("BKN at micro-batch 2 ≈ BN at batch 128 (CNN test acc %)", v('cnn', 'bkn', 2), v('cnn', 'bn', 128), margin=2.0),
+              better("BKN at micro-batch 2 > BN + PreciseBN at 2 (CNN test acc %)", v('cnn', 'bkn', 2), v('cnn', 'bn', 2, 'acc_precise'), margin=1.0)]
     def fmt(a, m, s, k='acc'):
         mu, se, n = mean_se(v(a, m, s, k))
         return f"{mu:.1f}" if n < 2 else f"{mu:.1f}±{se:.1f}"
     szs = [s or 128 for s in sizes]
-    measured = (f"MNIST-1D MLP test acc % (mean±SE, {len(seeds)} seed{'s' * (len(seeds) > 1)}), micro-batch {'/'.join(map(str, szs))}: "
-                f"BN {' / '.join(fmt('mlp', 'bn', s) for s in szs)}; BN+PreciseBN {' / '.join(fmt('mlp', 'bn', s, 'acc_precise') for s in szs)}; "
-                f"BKN {' / '.join(fmt('mlp', 'bkn', s or 128) for s in bkn_sizes)} (at {'/'.join(str(s) for s in bkn_sizes)}); LN {fmt('mlp', 'ln', 128)}"
-                + (f"; BKN MC prediction at 2 (1 seed): {100 * mc:.1f}" if mc is not None else "")
-                + (f". CNN at 2 / 128: BN {fmt('cnn', 'bn', 2)} / {fmt('cnn', 'bn', 128)}, BN+PreciseBN {fmt('cnn', 'bn', 2, 'acc_precise')}, "
-                   f"BKN {fmt('cnn', 'bkn', 2)}, GN {fmt('cnn', 'gn', 128)}" if not test else ""))
-    notes = (f"As-trained accuracy (test set normalised by its own micro-batches of 2): BN {fmt('mlp', 'bn', 2, 'acc_train_stats')}, "
-             f"BKN {fmt('mlp', 'bkn', 2, 'acc_train_stats')}. Prediction quality in a trained micro-batch-2 BKN MLP (per linked layer: "
+    measured = (f"MNIST-1D CNN test acc % (mean±SE, {len(seeds)} seed{'s' * (len(seeds) > 1)}) at micro-batch 2 / batch 128: BN {fmt('cnn', 'bn', 2)} / {fmt('cnn', 'bn', 128)}, "
+                f"BN+PreciseBN {fmt('cnn', 'bn', 2, 'acc_precise')} / {fmt('cnn', 'bn', 128, 'acc_precise')}, BKN {fmt('cnn', 'bkn', 2)}"
+                + (f", GN {fmt('cnn', 'gn', 128)}" if not test else "")
+                + f". Context, MLP, micro-batch {'/'.join(map(str, szs))}: BN {' / '.join(fmt('mlp', 'bn', s) for s in szs)}; BN+PreciseBN {' / '.join(fmt('mlp', 'bn', s, 'acc_precise') for s in szs)}; "
+                f"BKN {' / '.join(fmt('mlp', 'bkn', s or 128) for s in bkn_sizes)} (at {'/'.join(str(s) for s in bkn_sizes)})"
+                + (f"; LN {fmt('mlp', 'ln', 128)}" if not test else "")
+                + (f"; BKN MC prediction at 2 (1 seed): {100 * mc:.1f}" if mc is not None else ""))
+    iq = lambda a, k: mean_se([d[k] for d in init_q[a]])[0]
+    init_txt = "; ".join(f"{a[:-3]}-activation ResNet-{init_q[a][0]['depth']}: prediction {iq(a, 'pred_mean_err'):.2f}/{iq(a, 'pred_logvar_err'):.2f} vs micro-batch "
+                         f"{iq(a, 'obs_mean_err'):.2f}/{iq(a, 'obs_logvar_err'):.2f}, σ² ratio {iq(a, 'pred_var_ratio'):.2g}, predicted σ² closer in "
+                         f"{100 * iq(a, 'pred_var_closer'):.0f} % of layers, prediction used in {100 * iq(a, 'used'):.0f} %" for a in ('preact', 'postact'))
+    notes = (f"Prediction quality at initialisation (random init, one batch of {n_init} 32×32 shape images, micro-batches of 2, "
+             f"{len(seeds)} seed{'s' * (len(seeds) > 1)}; medians over linked layers, averaged over seeds; mean |μ err|/σ_batch / mean |log σ² ratio|): {init_txt}. "
+             f"As-trained accuracy (test set normalised by its own micro-batches of 2): CNN BN {fmt('cnn', 'bn', 2, 'acc_train_stats')}, BKN {fmt('cnn', 'bkn', 2, 'acc_train_stats')}; "
+             f"MLP BN {fmt('mlp', 'bn', 2, 'acc_train_stats')}, BKN {fmt('mlp', 'bkn', 2, 'acc_train_stats')}. Prediction quality in a trained micro-batch-2 BKN MLP (per linked layer: "
              "mean |μ err|/σ_batch and mean |log σ² ratio|, prediction vs micro-batch observation; median σ²_pred/σ²_batch): "
              + "; ".join(f"layer {d['layer']}: pred {d['pred_mean_err']:.2f}/{d['pred_logvar_err']:.2f} vs obs {d['obs_mean_err']:.2f}/"
                          f"{d['obs_logvar_err']:.2f}, ratio {d['pred_var_ratio']:.2g}, gain {d['gain']:.2f}" for d in pq)
              + ". Micro-batches as in the official code: statistics per group of the batch, the optimizer sees batch 128. "
                "MNIST-1D is far smaller than CIFAR/ImageNet; hyper-parameters were not re-tuned per method."
-             + (" TEST SCALE: 1 seed, 1 epoch, MLP only." if test else ""))
-    return Measured(measured, checks, values=dict(acc=acc, bkn_mc_micro2=mc, prediction_quality=pq, seeds=seeds,
+             + (" TEST SCALE: 1 seed, 1 epoch, micro-batch 2 only, ResNet-8 at init." if test else ""))
+    return Measured(measured, checks, values=dict(acc=acc, bkn_mc_micro2=mc, prediction_quality=pq, init_quality=init_q, seeds=seeds,
                     epochs_mlp=ep_mlp, epochs_cnn=ep_cnn), plots=[plot], notes=notes)
 
 # %% ../../nbs/10_normalization/02a_repro.kalman.ipynb #233bbca6
 @recipe('kalman_cifar10_resnet32', paper='kalman', dataset='cifar10', epochs=400,
-        description="Batch Kalman Normalization (p 0.9, MC prediction) in ResNet-32 on CIFAR-10, batch 128 with statistics over "
+        description="Batch Kalman Normalization (p 0.9, MC prediction) in the official pre-activation ResNet-32 on CIFAR-10, batch 128 with statistics over "
                     "micro-batches of 2; SGD momentum 0.9, lr 0.1/0.01/0.001/0.0002 from epochs 1/82/123/300 of 400, L2 2e-4 on "
                     "weights, crop + flip — the official cifar-kn-microbatch setting (other --epochs: same fractions)")
 def kalman_cifar10_resnet32(data:Path, epochs:int=400, smoke:bool=False) -> Learner:
     "The official CIFAR-10 micro-batch BKN run; `smoke`: 64 images, batch 16 (8 groups of 2)."
     dls = cifar10_dls(data, bs=128, augment=True, smoke=smoke)
-    model = convert_bn_to_bkn(cifar_resnet(32, len(dls.vocab)), group_size=2, p=0.9, mc_samples=64)
+    model = convert_preact_to_bkn(preact_resnet(32, len(dls.vocab)), group_size=2, p=0.9, mc_samples=64)
     ms = [m * epochs / 400 for m in (81, 122, 299)]
     return classification_learner(dls, model, partial(SGD, mom=0.9, decouple_wd=False), lr=0.1, wd=[2e-4, 0.0],
                                   sched=piecewise_lr([0.1, 0.01, 1e-3, 2e-4], ms, epochs),
