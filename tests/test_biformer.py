@@ -120,7 +120,23 @@ def test_match_task_and_equal_models():
     ar = torch.arange(16)
     assert torch.equal(reg[ar, cue, :8], reg[ar, tgt, :8]) and (reg[ar, cue, 8] == 1).all()
     assert torch.equal(reg[ar, tgt, 9:].argmax(-1), y)
-    assert len({count_params(match_net(k)) for k in (0, 2, 4, -1)}) == 1
+    assert len({count_params(match_net(k)) for k in (0, 2, 4, -1)} | {count_params(match_net(2, routing='random'))}) == 1
+    nets = [match_net(k) for k in (0, 2, -1)]                                  # one qk scale and LCE input in every arm
+    assert len({(b.attn.scale, b.attn.lepe_on) for n in nets for b in n.stages[0].blocks}) == 1
+    torch.manual_seed(0)
+    r = match_net(2, routing='random')
+    with pytest.raises(ValueError, match="routing"): match_net(2, routing='learned')
+
+
+def test_random_routing_control():
+    from xwlearn.repro.biformer import random_routed_attention
+    torch.manual_seed(0)
+    q, k, v = _qkv(2, 2, 16, 4, 8)
+    idx = torch.zeros(2, 16, 3, dtype=torch.long)
+    torch.manual_seed(1); a = random_routed_attention(q, k, v, idx)
+    torch.manual_seed(1); ridx = torch.rand(2, 16, 16).argsort(-1)[..., :3]
+    assert all(len(set(row.tolist())) == 3 for row in ridx.reshape(-1, 3))      # k distinct regions per query region
+    torch.testing.assert_close(a, routed_attention(q, k, v, ridx))
 
 
 def test_registries():
@@ -130,3 +146,68 @@ def test_registries():
     r = get_recipe('biformer_imagenet_biformer_small')
     assert r.paper == 'biformer' and r.epochs == 300
     assert (Path(__file__).parents[1]/'datasets'/f'{r.dataset}.md').exists()
+
+
+# --- official checkpoints: the committed manifest of the official state-dict layout (names and shapes of the official
+# models/biformer.py biformer_tiny/small/base, written once from the official model definition, not from our mapping)
+import json
+from pathlib import Path
+from xwlearn.models.biformer import convert_official_biformer, load_official_biformer
+
+_MANIFEST = json.loads((Path(__file__).parent / 'fixtures' / 'biformer_official_keys.json').read_text())
+
+
+@pytest.mark.parametrize("name", ['tiny', 'small', 'base'])
+def test_official_layout_maps_onto_ours(name):
+    off = _MANIFEST[f'biformer_{name}']
+    conv = convert_official_biformer({k: torch.empty(0) for k in off})
+    assert len(conv) == len(off)                                    # one-to-one
+    with torch.device('meta'): ours = timm.create_model(f'xw_biformer_{name}').state_dict()
+    assert set(conv) == set(ours)
+    back = dict(zip(conv, off))                                     # dict order is kept: ours -> official name
+    assert all(list(ours[k].shape) == off[back[k]] for k in ours)
+
+
+def _official_random(name, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, shape in _MANIFEST[f'biformer_{name}'].items():
+        if k.endswith('num_batches_tracked'): sd[k] = torch.tensor(0)
+        elif k.endswith('running_var'): sd[k] = torch.rand(shape, generator=g) + 0.5
+        else: sd[k] = torch.randn(shape, generator=g) * 0.05
+    return sd
+
+
+def test_official_checkpoint_loads_through_timm(tmp_path):
+    sd = _official_random('tiny')
+    path = tmp_path / 'biformer_tiny_in1k.pth'
+    torch.save({'model': sd}, path)
+    direct = timm.create_model('xw_biformer_tiny', n_win=2).eval()
+    direct.load_state_dict(convert_official_biformer(sd), strict=True)
+    via_timm = timm.create_model('xw_biformer_tiny', n_win=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    via_loader = load_official_biformer(path, n_win=2).eval()        # variant read from the shapes
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(): ref = direct(x)
+    for m in (via_timm, via_loader):
+        with torch.no_grad(): assert torch.equal(m(x), ref)
+    assert torch.equal(direct.stages[3].blocks[0].attn.wo.weight, sd['stages.3.0.attn.proj.weight'])
+    assert torch.equal(direct.stages[1].blocks[1].mlp[2].bias, sd['stages.1.1.mlp.3.bias'])
+
+
+def test_full_attention_lepe_reads_block_input():
+    # official AttentionLePE: LCE on the attention input x; the paper's equation (and the BRA stages): LCE on V
+    torch.manual_seed(0)
+    with torch.device('meta'):
+        m = timm.create_model('xw_biformer_tiny', n_win=2)
+        assert timm.create_model('xw_biformer_tiny', n_win=2, full_lepe_on='v').stages[3].blocks[0].attn.lepe_on == 'v'
+    assert [b.attn.lepe_on for s in m.stages for b in s.blocks[:1]] == ['v', 'v', 'v', 'x']
+    x = torch.randn(1, 4, 4, 16, dtype=torch.float64)
+    for on in ('x', 'v'):
+        a = BiLevelRoutingAttention(16, 2, topk=-1, lepe_on=on).double()
+        with torch.no_grad():
+            a.qkv.weight.zero_(); a.qkv.bias.zero_(); a.qkv.bias[32:] = 1.    # q = k = 0, v = 1: attention output 1
+            a.wo.weight.copy_(torch.eye(16)); a.wo.bias.zero_()
+        src = x if on == 'x' else torch.ones_like(x)
+        lce = a.lepe(src.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        torch.testing.assert_close(a(x), 1 + lce)
+    with pytest.raises(ValueError, match="lepe_on"): BiLevelRoutingAttention(16, 2, lepe_on='q')

@@ -12,8 +12,12 @@ import torch
 import torch.nn.functional as F
 import timm
 
+import json
+from pathlib import Path
+
 from xwlearn.models.glmix import (GLMixBlock, MHSABlock, GLNet, Attention, slot_logits, soft_cluster, soft_dispatch,
-                                  count_macs, GLNET_PARAMS, GLNET_PAPER)
+                                  count_macs, GLNET_PARAMS, GLNET_PAPER, convert_official_glnet, checkpoint_filter_fn,
+                                  load_official_glnet)
 from xwlearn.repro.glmix import make_scenes, fg_ari, slot_maps, GLMIX_TINY
 
 torch.set_num_threads(1)
@@ -96,7 +100,7 @@ def test_cluster_dispatch_equal_explicit_softmax_and_grads():
 @pytest.mark.parametrize('slot_init', ['ada_avgpool', 'param'])
 def test_block_fused_equals_explicit(slot_init):
     torch.manual_seed(1)
-    b = GLMixBlock(24, 3, num_slots=9, slot_init=slot_init, cpe_ks=3, mlp_dw=True, layerscale=0.5).eval()
+    b = GLMixBlock(24, 3, num_slots=9, slot_init=slot_init, cpe_ks=3, mlp_dw=True, layerscale=0.5, fused=True).eval()
     with torch.no_grad(): b.scale.fill_(4.0)
     x = torch.randn(2, 24, 7, 9)
     with torch.no_grad():
@@ -170,6 +174,33 @@ def test_scenes_deterministic_and_consistent():
     assert (ms.max((1, 2)) == ys.sum(1)).all()                        # one mask id per present class
 
 
+def test_scenes_hide_no_object_beyond_max_overlap():
+    "Each object keeps >= 85 % of its full shape visible (the old check compared the overlap with the new shape's area)."
+    ims, ys, ms, areas = make_scenes(300, seed=5, return_areas=True)
+    vis = np.stack([(ms == k).sum((1, 2)) for k in range(1, areas.shape[1] + 1)], 1)
+    assert (vis[areas == 0] == 0).all() and ((areas > 0).sum(1) == ys.sum(1)).all()
+    hidden = 1 - vis[areas > 0] / areas[areas > 0]
+    assert hidden.max() <= 0.15 + 1e-9
+    _, _, ms2, areas2 = make_scenes(300, seed=5, return_areas=True, max_overlap=1.0)      # no check: objects do get hidden
+    vis2 = np.stack([(ms2 == k).sum((1, 2)) for k in range(1, 4)], 1)
+    assert (1 - vis2[areas2 > 0] / areas2[areas2 > 0]).max() > 0.3
+
+
+def test_slot_maps_cosine_reads_through_negative_tau():
+    "With τ < 0 the logits' arg-max is the least similar slot; by='cosine' gives the most similar one."
+    torch.manual_seed(7)
+    m = GLNet(**GLMIX_TINY)
+    blocks = [b for b in m.modules() if isinstance(b, GLMixBlock)]
+    x = torch.randn(2, 3, 32, 32)
+    pos = slot_maps(m, x, by='cosine')
+    with torch.no_grad():
+        for b in blocks: b.scale.mul_(-1)
+    neg_logits, neg_cos = slot_maps(m, x), slot_maps(m, x, by='cosine')
+    for a, c in zip(pos, neg_cos): assert torch.equal(a, c)
+    assert not any(torch.equal(a, c) for a, c in zip(pos, neg_logits))
+    with pytest.raises(ValueError, match='by'): slot_maps(m, x, by='tau')
+
+
 def test_fg_ari_and_slot_maps():
     t = np.zeros((1, 8, 8), dtype=np.int64); t[0, :, :4] = 1; t[0, :, 4:] = 2
     assert fg_ari(torch.tensor(t[:, ::2, ::2]), t) == pytest.approx(1.0)
@@ -187,3 +218,89 @@ def test_registered():
     r = RECIPES['glmix_imagenet_glnet_4g']
     assert r.paper == 'glmix' and r.dataset == 'imagenet' and r.epochs == 300
     assert set(NAMES) <= set(timm.list_models('xw_glnet*'))
+
+
+# ---------------------------------------------------------------- official checkpoints
+# Key names, shapes and dtypes of the official state dicts, written once from rayleizhu/GLMix `models/glnet.py`
+# (commit 3c93dbf) instantiated with random weights in a scratch script -- not derived from our mapping.
+MANIFEST = json.loads((Path(__file__).parent / 'fixtures' / 'glnet_official_keys.json').read_text())
+
+
+def _official_random(name, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: torch.randint(0, 9, s, generator=g) if d == 'int64' else torch.randn(s, generator=g) * 0.05
+          for k, s, d in MANIFEST[name]}
+    for k in sd:
+        if k.endswith('running_var'): sd[k] = sd[k].abs() + 1     # a valid BatchNorm state
+    return sd
+
+
+@pytest.mark.parametrize('name', ['glnet_4g', 'glnet_9g', 'glnet_16g', 'glnet_stl'])
+def test_official_layout_converts_exactly(name):
+    "Every official tensor lands, unchanged (a view, at most reshaped), on exactly one of our keys; the load is strict."
+    sd = _official_random(name)
+    conv = convert_official_glnet(sd)
+    with torch.device('meta'): m = timm.create_model('xw_' + name)
+    ours = m.state_dict()
+    assert set(conv) == set(ours)
+    assert all(conv[k].shape == ours[k].shape for k in ours)
+    assert sorted(v.data_ptr() for v in conv.values()) == sorted(v.data_ptr() for v in sd.values())
+    m.load_state_dict(conv, strict=True, assign=True)
+    assert checkpoint_filter_fn(conv) is conv                              # our own layout passes through
+
+
+def test_official_checkpoint_loads_three_ways(tmp_path):
+    "`load_official_glnet`, timm's `pretrained_cfg_overlay=dict(file=...)` and a direct load give identical logits."
+    sd = _official_random('glnet_stl', seed=1)
+    path = tmp_path / 'glnet_stl.pth'
+    torch.save({'model': sd, 'epoch': 299}, path)
+    x = torch.randn(1, 3, 64, 64)
+    direct = timm.create_model('xw_glnet_stl').eval()
+    direct.load_state_dict(convert_official_glnet(sd), strict=True)
+    a = load_official_glnet(path)
+    b = timm.create_model('xw_glnet_stl', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    with torch.no_grad():
+        ref = direct(x)
+        torch.testing.assert_close(a(x), ref, rtol=0, atol=0)
+        torch.testing.assert_close(b(x), ref, rtol=0, atol=0)
+    assert type(a).__name__ == 'GLNet' and not a.training
+    with pytest.raises(ValueError, match='pretrained_cfg_overlay'): timm.create_model('xw_glnet_4g', pretrained=True)
+    with pytest.raises(ValueError, match='not an official GLNet key'): convert_official_glnet({'blocks.0.x': x})
+
+
+# ---------------------------------------------------------------- timm features API: forward_intermediates, FX
+def test_forward_intermediates_and_prune():
+    torch.manual_seed(5)
+    m = timm.create_model('xw_glnet_4g', num_classes=5, depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final, inter = m.forward_intermediates(x)
+        torch.testing.assert_close(final, m.forward_features(x), rtol=0, atol=0)
+        assert [t.shape[1:] for t in inter] == [(16, 16, 16), (32, 8, 8), (64, 4, 4), (128, 2, 2)]
+        h, stages = m.stem(x), []
+        for s in m.stages: h = s(h); stages.append(h)
+        for a, b in zip(inter, stages): torch.testing.assert_close(a, b, rtol=0, atol=0)
+        only = m.forward_intermediates(x, indices=[1, 3], norm=True, intermediates_only=True)
+        torch.testing.assert_close(only[0], stages[1]); torch.testing.assert_close(only[1], m.norm(stages[3]))
+        last2 = m.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert [t.shape[1] for t in last2] == [64, 128]
+        early, inter = m.forward_intermediates(x, indices=[1], stop_early=True)
+        torch.testing.assert_close(early, stages[1])
+    with pytest.raises(ValueError, match='output_fmt'): m.forward_intermediates(x, output_fmt='NHWC')
+    kept = m.prune_intermediate_layers([0, 1])
+    assert kept == [0, 1] and len(m.stages) == 2 and m.num_features == 32 and isinstance(m.head, torch.nn.Identity)
+    with torch.no_grad(): assert m(x).shape == (2, 32, 8, 8)                  # global_pool '': the map, as timm's models
+
+
+def test_fx_traceable():
+    "timm's FX feature extraction traces the whole model (no Python shape unpacking in the forward)."
+    from timm.models import get_graph_node_names, create_feature_extractor
+    torch.manual_seed(6)
+    m = timm.create_model('xw_glnet_stl', num_classes=4, depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    _, nodes = get_graph_node_names(m)
+    fe = create_feature_extractor(m, return_nodes={nodes[-1]: 'out'})
+    with torch.no_grad(): torch.testing.assert_close(fe(x)['out'], m(x), rtol=0, atol=0)
+    fm = timm.create_model('xw_glnet_4g', features_only=True, feature_cls='fx', depths=(1, 1, 2, 1),
+                           dims=(16, 32, 64, 128)).eval()
+    with torch.no_grad(): assert [o.shape[1] for o in fm(x)] == [16, 32, 64, 128]

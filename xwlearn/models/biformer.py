@@ -14,10 +14,11 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['default_cfgs', 'BIFORMER_ARCHS', 'BIFORMER_DROP_PATH', 'to_regions', 'from_regions', 'route_regions',
-           'gather_regions', 'routed_attention', 'attention_macs', 'routing_block_mask', 'routed_attention_flex',
-           'BiLevelRoutingAttention', 'BiFormerBlock', 'BiFormerStage', 'BiFormer', 'xw_biformer_tiny',
-           'xw_biformer_small', 'xw_biformer_base', 'count_params', 'biformer_macs']
+__all__ = ['default_cfgs', 'BIFORMER_ARCHS', 'BIFORMER_DROP_PATH', 'checkpoint_filter_fn', 'to_regions', 'from_regions',
+           'route_regions', 'gather_regions', 'routed_attention', 'attention_macs', 'routing_block_mask',
+           'routed_attention_flex', 'BiLevelRoutingAttention', 'BiFormerBlock', 'BiFormerStage', 'BiFormer',
+           'convert_official_biformer', 'xw_biformer_tiny', 'xw_biformer_small', 'xw_biformer_base',
+           'load_official_biformer', 'count_params', 'biformer_macs']
 
 # %% ../../nbs/40_backbones/01_models.biformer.ipynb #41537894
 def _check_grid(H:int, W:int, n_win:int):
@@ -156,12 +157,15 @@ class BiLevelRoutingAttention(nn.Module):
                  qkv_bias:bool=True,
                  auto_pad:bool=False, # pad H, W up to multiples of n_win and crop (official segmentation setting)
                  impl:str='gather', # 'gather' (reference), 'flex' (FlexAttention) or a callable with `routed_attention`'s signature
+                 lepe_on:str='v', # LCE input: 'v' (paper, official BRA) or 'x' (the attention input: official full-attention stage)
                 ):
         super().__init__()
         self.dim, self.qk_dim, self.num_heads = dim, qk_dim or dim, num_heads
         if self.qk_dim % num_heads or dim % num_heads:
             raise ValueError(f"dim={dim} and qk_dim={self.qk_dim} must be divisible by num_heads={num_heads}")
         self.n_win, self.topk, self.auto_pad, self.impl = (1 if topk < 0 else n_win), topk, auto_pad, impl
+        if lepe_on not in ('v', 'x'): raise ValueError(f"lepe_on must be 'v' or 'x', got {lepe_on!r}")
+        self.lepe_on = lepe_on
         if topk > n_win * n_win: raise ValueError(f"topk={topk} exceeds the number of regions n_win²={n_win * n_win}")
         self.scale = (self.qk_dim ** -0.5 if qk_scale == 'dim' else (self.qk_dim // num_heads) ** -0.5 if qk_scale == 'head'
                       else float(qk_scale))
@@ -184,7 +188,7 @@ class BiLevelRoutingAttention(nn.Module):
         if self.auto_pad and (H0 % S or W0 % S): x = F.pad(x, (0, 0, 0, (-W0) % S, 0, (-H0) % S))
         H, W = x.shape[1:3]
         q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)       # (B, H, W, ·)
-        lce = 0 if self.lepe is None else self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        lce = 0 if self.lepe is None else self.lepe((v if self.lepe_on == 'v' else x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         q, k, v = (to_regions(t, S) for t in (q, k, v))                                   # (B, S², r², ·)
         if self.topk > 0: idx = route_regions(q, k, self.topk)                            # (B, S², k)
         else: idx = torch.arange(S * S, device=x.device).expand(B, S * S)[..., None]     # self-routing
@@ -198,6 +202,10 @@ class BiLevelRoutingAttention(nn.Module):
 # %% ../../nbs/40_backbones/01_models.biformer.ipynb #b6f3c3dd
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, register_model, generate_default_cfgs
+from timm.layers import register_notrace_module
+from timm.models._features import feature_take_indices
+try: from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _fx_tracing
+except ImportError: from torch.fx._symbolic_trace import is_fx_tracing as _fx_tracing  # older torch
 
 # %% ../../nbs/40_backbones/01_models.biformer.ipynb #70c15e83
 class BiFormerBlock(nn.Module):
@@ -206,13 +214,16 @@ class BiFormerBlock(nn.Module):
                  mlp_ratio:float=3., drop_path:float=0., side_dwconv:int=5,
                  qk_scale:str|float|None=None, # None: 'dim' for routed/window attention, 'head' for full attention (official)
                  qkv_bias:bool|None=None, # None: official (bias except in full attention)
-                 auto_pad:bool=False, impl:str='gather'):
+                 auto_pad:bool=False, impl:str='gather',
+                 lepe_on:str|None=None, # LCE input; None: official ('x' in full attention, 'v' in routed/window attention)
+                ):
         super().__init__()
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = BiLevelRoutingAttention(dim, num_heads, n_win, topk, side_dwconv,
                                             qk_scale=qk_scale or ('head' if topk < 0 else 'dim'),
-                                            qkv_bias=topk >= 0 if qkv_bias is None else qkv_bias, auto_pad=auto_pad, impl=impl)
+                                            qkv_bias=topk >= 0 if qkv_bias is None else qkv_bias, auto_pad=auto_pad, impl=impl,
+                                            lepe_on=lepe_on or ('x' if topk < 0 else 'v'))
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, int(mlp_ratio * dim)), nn.GELU(), nn.Linear(int(mlp_ratio * dim), dim))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -233,6 +244,8 @@ class BiFormerStage(nn.Module):
     def forward(self, x): return self.blocks(self.downsample(x))
 
 # %% ../../nbs/40_backbones/01_models.biformer.ipynb #c91a19be
+register_notrace_module(BiLevelRoutingAttention)  # a leaf in FX graphs (timm's feature extraction): its region reshapes need concrete sizes
+
 class BiFormer(nn.Module):
     "BiFormer (Zhu et al., CVPR 2023) under timm's model protocol."
     def __init__(self, depths=(2, 2, 8, 2), # blocks per stage
@@ -248,6 +261,7 @@ class BiFormer(nn.Module):
                  auto_pad:bool=False, # pad maps not divisible by n_win (official segmentation setting) instead of raising
                  attn_impl:str='gather', # 'gather', 'flex', or a callable (e.g. `xwlearn.kernels.bra.bra_attention`)
                  stem_stride:int=4, # 4: the paper's two stride-2 convs; 2 or 1 for tiny inputs (reproduction)
+                 full_lepe_on:str='x', # LCE input of full-attention stages: 'x' (official `AttentionLePE`) or 'v' (paper's equation)
                 ):
         super().__init__()
         if not (len(depths) == len(embed_dims) == len(topks)): raise ValueError("depths, embed_dims and topks need one entry per stage")
@@ -264,7 +278,7 @@ class BiFormer(nn.Module):
             stages.append(BiFormerStage(embed_dims[max(i - 1, 0)], dim, dep, i > 0, dpr[start:start + dep],
                                         num_heads=full_heads if tk < 0 and full_heads else dim // head_dim, n_win=n_win, topk=min(tk, n_win * n_win),
                                         mlp_ratio=mlp_ratio, side_dwconv=side_dwconv, qk_scale=qk_scale, qkv_bias=qkv_bias,
-                                        auto_pad=auto_pad, impl=attn_impl))
+                                        auto_pad=auto_pad, impl=attn_impl, lepe_on=full_lepe_on if tk < 0 else 'v'))
             self.feature_info.append(dict(num_chs=dim, reduction=red, module=f'stages.{i}'))
             start += dep
         self.stages = nn.Sequential(*stages)
@@ -282,12 +296,42 @@ class BiFormer(nn.Module):
         elif isinstance(m, nn.LayerNorm): nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
 
     def _check_input(self, x):
+        if torch.jit.is_scripting() or _fx_tracing(): return  # eager-only check: no data-dependent Python branch in a graph
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected images (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
 
     def forward_features(self, x:Tensor) -> Tensor: # (B, 3, H, W) -> (B, C4, H/32, W/32)
         self._check_input(x)
         return self.norm(self.stages(self.stem(x)))
+
+    def forward_intermediates(self, x:Tensor,
+                              indices:int|list|None=None, # last n stages if int, all if None, these stages if a list
+                              norm:bool=False, # apply the final norm to the last stage's map (when it is taken)
+                              stop_early:bool=False, # stop after the last stage asked for
+                              output_fmt:str='NCHW', # only NCHW
+                              intermediates_only:bool=False, # return only the list
+                             ) -> list|tuple: # intermediates, or (final features, intermediates)
+        "timm's features API: the stage outputs asked for (NCHW), and the final features."
+        if output_fmt != 'NCHW': raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        self._check_input(x)
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        x, out = self.stem(x), []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take: out.append(self.norm(x) if norm and i == last else x)
+        if intermediates_only: return out
+        return (self.norm(x) if i == last else x), out
+
+    def prune_intermediate_layers(self, indices:int|list=1, prune_norm:bool=False, prune_head:bool=True) -> list:
+        "Drop the stages (and norm/head) not needed for `indices`; returns the kept indices."
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm or max_index < 3: self.norm = nn.Identity()
+        if max_index < len(self.feature_info) - 1: self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or max_index < len(self.feature_info) - 1: self.reset_classifier(0, '')
+        return take
 
     def forward_head(self, x:Tensor, pre_logits:bool=False) -> Tensor:
         if self.global_pool == 'avg': x = x.mean((2, 3))
@@ -300,12 +344,16 @@ class BiFormer(nn.Module):
 
     def reset_classifier(self, num_classes:int, global_pool:str|None=None):
         self.num_classes = num_classes
-        if global_pool is not None: self.global_pool = global_pool
+        if global_pool is not None:
+            if global_pool not in ('avg', ''): raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+            self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 # %% ../../nbs/40_backbones/01_models.biformer.ipynb #8e750323
 def _cfg(**kwargs):
-    return dict(url='', num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9,
+    # min_input_size: with S = 7 the maps of stages 1-3 (H/4, H/8, H/16) must be multiples of 7, i.e. H and W multiples
+    # of 112 (112, 224, 336, ...); other sizes raise a ValueError unless the model is built with auto_pad=True
+    return dict(url='', num_classes=1000, input_size=(3, 224, 224), min_input_size=(3, 112, 112), pool_size=(7, 7), crop_pct=0.9,
                 interpolation='bicubic', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                 first_conv='stem.0', classifier='head', license='mit',
                 paper_ids='arXiv:2303.08810', paper_name='BiFormer: Vision Transformer with Bi-Level Routing Attention',
@@ -321,9 +369,28 @@ BIFORMER_ARCHS = {  # the paper's Table (models/biformer.py): depths, dims, top-
 }
 BIFORMER_DROP_PATH = {'xw_biformer_tiny': 0.1, 'xw_biformer_small': 0.15, 'xw_biformer_base': 0.4}  # training setting
 
+def convert_official_biformer(state_dict:dict, # official checkpoint (`{'model': ...}` or its state dict)
+                               model:nn.Module|None=None, # unused (timm's `pretrained_filter_fn` signature)
+                              ) -> dict: # the same tensors under `xw_biformer_*` names
+    "Map the official `models/biformer.py` key names onto ours (`pretrained_filter_fn` of the registered models)."
+    import re
+    sd = state_dict.get('model', state_dict) if isinstance(state_dict, dict) else state_dict
+    if 'stem.0.weight' in sd: return dict(sd)  # already in our layout
+    rules = [(r'^downsample_layers\.0\.', 'stem.'), (r'^downsample_layers\.(\d+)\.', r'stages.\1.downsample.'),
+             (r'^stages\.(\d+)\.(\d+)\.', r'stages.\1.blocks.\2.'), (r'\.attn\.qkv\.qkv\.', '.attn.qkv.'),
+             (r'\.attn\.proj\.', '.attn.wo.'), (r'\.mlp\.3\.', '.mlp.2.')]
+    out = {}
+    for k, v in sd.items():
+        for pat, sub in rules: k = re.sub(pat, sub, k)
+        out[k] = v
+    return out
+
+checkpoint_filter_fn = convert_official_biformer
+
 def _create_biformer(variant:str, pretrained:bool=False, **kwargs) -> BiFormer:
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     return build_model_with_cfg(BiFormer, variant, pretrained, **{**BIFORMER_ARCHS[variant], **kwargs},
+                                pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=dict(out_indices=out_indices, flatten_sequential=True))
 
 @register_model
@@ -340,6 +407,19 @@ def xw_biformer_small(pretrained=False, **kwargs) -> BiFormer:
 def xw_biformer_base(pretrained=False, **kwargs) -> BiFormer:
     "BiFormer-B: 56.8 M parameters, 9.8 G FLOPs at 224² (paper)."
     return _create_biformer('xw_biformer_base', pretrained, **kwargs)
+
+def load_official_biformer(path, # an official checkpoint file (`biformer_{tiny,small,base}_in1k.pth`)
+                           variant:str|None=None, # `xw_biformer_*`; None: read from the checkpoint's shapes
+                           **kwargs, # to `timm.create_model`
+                          ) -> BiFormer:
+    "An `xw_biformer_*` model with the official weights (strict load, through timm's `pretrained_cfg_overlay`)."
+    import timm
+    if variant is None:
+        sd = convert_official_biformer(torch.load(path, map_location='cpu', weights_only=True))
+        dim0, n0 = sd['stem.3.weight'].shape[0], len({k.split('.')[3] for k in sd if k.startswith('stages.0.blocks.')})
+        variant = {(64, 2): 'xw_biformer_tiny', (64, 4): 'xw_biformer_small', (96, 4): 'xw_biformer_base'}.get((dim0, n0))
+        if variant is None: raise ValueError(f"{path}: stem width {dim0} and {n0} stage-1 blocks match no BiFormer-T/S/B")
+    return timm.create_model(variant, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
 
 # %% ../../nbs/40_backbones/01_models.biformer.ipynb #26bef7e1
 def count_params(model:nn.Module) -> int: return sum(p.numel() for p in model.parameters())

@@ -13,12 +13,16 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, LayerScale2d, trunc_normal_
+import timm
 from timm.models import register_model, build_model_with_cfg, generate_default_cfgs
+from timm.models._features import feature_take_indices
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['GLNET_CFGS', 'default_cfgs', 'GLNET_PAPER', 'GLNET_PARAMS', 'Attention', 'slot_logits', 'soft_cluster',
            'soft_dispatch', 'ConvMlp', 'GLMixBlock', 'MHSABlock', 'GLNetStage', 'GLNet', 'xw_glnet_4g', 'xw_glnet_9g',
-           'xw_glnet_16g', 'xw_glnet_stl', 'count_macs']
+           'xw_glnet_16g', 'xw_glnet_stl', 'convert_official_glnet', 'checkpoint_filter_fn', 'load_official_glnet',
+           'count_macs']
 
 # %% ../../nbs/40_backbones/02_models.glmix.ipynb #a6e4cc7e
 class Attention(nn.Module):
@@ -32,9 +36,8 @@ class Attention(nn.Module):
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x:Tensor) -> Tensor:
-        B, L, C = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # 3×(B, h, L, C/h)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C))
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)  # 3×(B, h, L, C/h)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 # %% ../../nbs/40_backbones/02_models.glmix.ipynb #716fade8
 def slot_logits(x:Tensor, # (B, N, C) pixels as a set
@@ -70,6 +73,8 @@ class ConvMlp(nn.Module):
         if self.dw is not None: x = x + self.dw(x)
         return self.fc2(self.act(x))
 
+
+# %% ../../nbs/40_backbones/02_models.glmix.ipynb #c4d1e8a7
 class GLMixBlock(nn.Module):
     "GLMix: a global soft-clustering branch (cluster → MHSA among slots → dispatch) plus a local conv branch, then an MLP."
     def __init__(self, dim:int, num_heads:int,
@@ -82,7 +87,7 @@ class GLMixBlock(nn.Module):
                  layerscale:float|None=None, # init value of the per-channel scales; None: none
                  use_slot_attention:bool=True, # MHSA among slots (False: identity)
                  global_branch:bool=True, # False: the conv-only block (local branch + MLP)
-                 fused:bool=True, # clustering/dispatch through `scaled_dot_product_attention`
+                 fused:bool=False, # clustering/dispatch through `scaled_dot_product_attention` (False: explicit, faster on CPU)
                 ):
         super().__init__()
         if slot_init not in ('ada_avgpool', 'param'): raise ValueError(f"slot_init must be 'ada_avgpool' or 'param', got {slot_init!r}")
@@ -111,7 +116,6 @@ class GLMixBlock(nn.Module):
 
     def mix(self, x:Tensor, slots0:Tensor) -> Tensor:
         "The token mixer on the normalised map x (B, C, H, W): global (cluster → MHSA → dispatch) + local."
-        B, C, H, W = x.shape
         out = self.local(x) if self.local is not None else 0
         if not self.global_branch: return out
         xs = x.flatten(2).transpose(1, 2)                                       # (B, N, C): the set view
@@ -123,7 +127,7 @@ class GLMixBlock(nn.Module):
             if self.record: self.logits = logits.detach()
             slots = self.attn(logits.softmax(-1) @ xs)
             g = logits.transpose(-1, -2).softmax(-1) @ slots
-        return out + g.transpose(1, 2).reshape(B, C, H, W)
+        return out + g.transpose(1, 2).reshape_as(x)                             # no shape unpacking: FX-traceable
 
     def forward(self, x:Tensor) -> Tensor:
         slots0 = self.initial_slots(x) if self.global_branch else None
@@ -145,8 +149,7 @@ class MHSABlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
     def forward(self, x):
         if self.pos is not None: x = x + self.pos(x)
-        B, C, H, W = x.shape
-        a = self.attn(self.norm1(x).flatten(2).transpose(1, 2)).transpose(1, 2).reshape(B, C, H, W)
+        a = self.attn(self.norm1(x).flatten(2).transpose(1, 2)).transpose(1, 2).reshape_as(x)
         x = x + self.drop_path(self.ls1(a))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
@@ -168,6 +171,8 @@ class GLNetStage(nn.Sequential):
     def __init__(self, downsample:nn.Module, blocks:list):
         super().__init__(downsample, *blocks)
 
+
+# %% ../../nbs/40_backbones/02_models.glmix.ipynb #0b9e5c3d
 class GLNet(nn.Module):
     "GLNet: a 4-stage (or any-stage) hierarchy of GLMix / MHSA blocks, following timm's model protocol."
     def __init__(self, depths=(4, 4, 18, 4), dims=(64, 128, 256, 512),
@@ -211,17 +216,6 @@ class GLNet(nn.Module):
             trunc_normal_(m.weight, std=.02)
             if m.bias is not None: nn.init.zeros_(m.bias)
 
-    @torch.jit.ignore
-    def no_weight_decay(self): return set()  # nothing by name; the recipe exempts all 1-D parameters, as the official optimizer factory
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module: return self.head
-
-    def reset_classifier(self, num_classes:int, global_pool:str|None=None):
-        self.num_classes = num_classes
-        if global_pool is not None: self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x:Tensor) -> Tensor:
         return self.norm(self.stages(self.stem(x)))
 
@@ -231,6 +225,52 @@ class GLNet(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x:Tensor) -> Tensor: return self.forward_head(self.forward_features(x))
+
+# %% ../../nbs/40_backbones/02_models.glmix.ipynb #9d3f0a6b
+@patch
+@torch.jit.ignore
+def no_weight_decay(self:GLNet): return set()  # nothing by name; the recipe exempts all 1-D parameters, as the official optimizer factory
+
+@patch
+@torch.jit.ignore
+def get_classifier(self:GLNet) -> nn.Module: return self.head
+
+@patch
+def reset_classifier(self:GLNet, num_classes:int, global_pool:str|None=None):
+    self.num_classes = num_classes
+    if global_pool is not None: self.global_pool = global_pool or ''   # '' (or None from timm): no pooling
+    self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+@patch
+def forward_intermediates(self:GLNet, x:Tensor,
+                          indices:int|list|None=None, # last n stages if int, all if None, these stages if a list
+                          norm:bool=False, # apply the final norm to the last stage's map if it is taken
+                          stop_early:bool=False, # stop after the last stage taken
+                          output_fmt:str='NCHW', # only 'NCHW'
+                          intermediates_only:bool=False, # return only the intermediates
+                         ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+    "timm's features API: the stage outputs `indices` (and the final features, unless `intermediates_only`)."
+    if output_fmt != 'NCHW': raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+    take, max_index = feature_take_indices(len(self.stages), indices)
+    x, out, last = self.stem(x), [], len(self.stages) - 1
+    stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+    for i, stage in enumerate(stages):
+        x = stage(x)
+        if i in take: out.append(self.norm(x) if norm and i == last else x)
+    if intermediates_only: return out
+    return (self.norm(x) if i == last else x), out
+
+@patch
+def prune_intermediate_layers(self:GLNet, indices:int|list=1, prune_norm:bool=False, prune_head:bool=True) -> list[int]:
+    "Drop the stages after the last of `indices` (and the final norm / head); returns the kept indices."
+    take, max_index = feature_take_indices(len(self.stages), indices)
+    prune_end = max_index < len(self.stages) - 1
+    self.stages = self.stages[:max_index + 1]
+    if prune_norm or prune_end: self.norm = nn.Identity()   # the final norm is sized for the last stage only
+    if prune_end: self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+    if prune_head or prune_end: self.reset_classifier(0, '')
+    return take
+
 
 # %% ../../nbs/40_backbones/02_models.glmix.ipynb #ce96d35d
 GLNET_CFGS = dict(  # the official model definitions (models/glnet.py)
@@ -252,9 +292,13 @@ def _cfg(**kwargs):
 default_cfgs = generate_default_cfgs({f'xw_{k}': _cfg() for k in GLNET_CFGS})
 
 def _create_glnet(variant:str, pretrained:bool=False, **kwargs) -> GLNet:
-    if pretrained: raise ValueError(f"{variant}: no pretrained weights in xwlearn (the official checkpoints are on OneDrive)")
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    if pretrained and not (overlay.get('file') or overlay.get('url')):
+        raise ValueError(f"{variant}: no pretrained weights in xwlearn (the official checkpoints are on OneDrive); download one "
+                         "and pass pretrained_cfg_overlay=dict(file=PATH) -- `checkpoint_filter_fn` converts it")
     cfg = {**GLNET_CFGS[variant.removeprefix('xw_')], **kwargs}
-    return build_model_with_cfg(GLNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **cfg)
+    return build_model_with_cfg(GLNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **cfg)
 
 @register_model
 def xw_glnet_4g(pretrained=False, **kwargs) -> GLNet: return _create_glnet('xw_glnet_4g', pretrained, **kwargs)
@@ -264,6 +308,63 @@ def xw_glnet_9g(pretrained=False, **kwargs) -> GLNet: return _create_glnet('xw_g
 def xw_glnet_16g(pretrained=False, **kwargs) -> GLNet: return _create_glnet('xw_glnet_16g', pretrained, **kwargs)
 @register_model
 def xw_glnet_stl(pretrained=False, **kwargs) -> GLNet: return _create_glnet('xw_glnet_stl', pretrained, **kwargs)
+
+# %% ../../nbs/40_backbones/02_models.glmix.ipynb #5d2b7f81
+_OFFICIAL_BLOCK_NAMES = (('slot_scale', 'scale'), ('pos_conv.', 'pos.'), ('relation_mha.in_proj_', 'attn.qkv.'),
+                         ('mha_op.in_proj_', 'attn.qkv.'), ('relation_mha.out_proj.', 'attn.proj.'), ('mha_op.out_proj.', 'attn.proj.'),
+                         ('feature_conv.', 'local.'), ('mlp.0.', 'mlp.fc1.'), ('mlp.1.', 'mlp.dw.'), ('mlp.2.', 'mlp.fc2.'),
+                         ('mlp.3.', 'mlp.fc2.'))
+
+def convert_official_glnet(state_dict:dict, # an official GLNet state dict (or a checkpoint with 'model' / 'model_ema')
+                          ) -> dict:
+    "The official GLNet layout → `GLNet`'s names and shapes (see the table above)."
+    sd = state_dict.get('model_ema', state_dict.get('model', state_dict)) if 'head.weight' not in state_dict else state_dict
+    deep_stem = 'downsample_layers.0.4.weight' in sd   # conv-BN-GELU-conv-BN after an Identity (the patch stem: conv-BN)
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix('module.')
+        p = k.split('.')
+        if p[0] == 'downsample_layers' and p[1] == '0':
+            k = '.'.join(['stem', str(int(p[2]) - deep_stem)] + p[3:])
+        elif p[0] == 'downsample_layers': k = '.'.join(['stages', p[1], '0'] + p[2:])
+        elif p[0] == 'stages':
+            if p[2] != 'blocks': raise ValueError(f"not an official GLNet key: {k!r}")
+            name = '.'.join(p[4:])
+            for a, b in _OFFICIAL_BLOCK_NAMES:
+                if name.startswith(a): name = b + name[len(a):]; break
+            k = f"stages.{p[1]}.{int(p[3]) + 1}.{name}"
+            if name.startswith(('mlp.fc1.weight', 'mlp.fc2.weight')) and v.ndim == 2: v = v[:, :, None, None]   # nn.Linear MLP
+            if name.endswith('gamma'): v = v.flatten()                                                            # (1, C, 1, 1) scales
+        elif p[0] not in ('norm', 'head'): raise ValueError(f"not an official GLNet key: {k!r}")
+        out[k] = v
+    return out
+
+def checkpoint_filter_fn(state_dict:dict, model:nn.Module|None=None) -> dict:
+    "timm's `pretrained_filter_fn`: converts an official checkpoint; a state dict already in our layout passes through."
+    if any(k.startswith(('stem.', 'stages.0.1.')) for k in state_dict): return state_dict
+    return convert_official_glnet(state_dict)
+
+def _official_variant(sd:dict) -> str:
+    "Which GLNet a converted state dict is: stem layout and width."
+    width = sd['head.weight'].shape[1] if 'head.weight' in sd else sd['norm.weight'].shape[0]
+    if 'stem.3.weight' not in sd: return 'xw_glnet_stl'
+    return {512: 'xw_glnet_4g', 768: 'xw_glnet_9g', 1024: 'xw_glnet_16g'}[width]
+
+def load_official_glnet(path, # an official checkpoint file (e.g. `glnet_4g.pth` from the README's links)
+                        variant:str|None=None, # 'xw_glnet_4g' ...; None: read off the tensors
+                        ema:bool|None=None, # take 'model_ema' (None: only when there is no 'model', as GLNet-16G's release)
+                        **kwargs) -> GLNet:
+    "An xwlearn `GLNet` with an official checkpoint's weights, loaded strictly, in eval mode."
+    ck = torch.load(path, map_location='cpu', weights_only=True)
+    if isinstance(ck, dict) and ('model' in ck or 'model_ema' in ck):
+        key = 'model_ema' if ema or (ema is None and 'model' not in ck) else 'model'
+        if key not in ck: raise ValueError(f"{path}: no {key!r} entry in the checkpoint (keys: {sorted(ck)})")
+        ck = ck[key]
+    sd = convert_official_glnet(ck)
+    variant = variant or _official_variant(sd)
+    model = timm.create_model(variant, num_classes=sd['head.weight'].shape[0] if 'head.weight' in sd else 0, **kwargs)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
 
 # %% ../../nbs/40_backbones/02_models.glmix.ipynb #3b0ec937
 GLNET_PAPER = {  # official README model card: (params M, FLOPs G at 224², IN-1k top-1 %)
