@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from xwlearn.norm.kalman import (BatchKalmanNorm1d, BatchKalmanNorm2d, grouped_moments, kalman_update, predict_moments,
                                  relu_moments, convert_bn_to_bkn, precise_bn, ResidualPrediction)
-from xwlearn.repro.kalman import mnist1d_norm_model, preact_resnet, convert_preact_to_bkn, PreActCifarResNet
+from xwlearn.repro.kalman import mnist1d_norm_model, convert_preact_to_bkn
+from xwlearn.nets import preact_cifar_resnet, PreActCifarResNet
 from xwlearn.nets import mnist1d_mlp, mnist1d_cnn, cifar_resnet
 
 torch.set_num_threads(1)
@@ -211,10 +212,10 @@ def test_residual_prediction_matches_sampled_sum():
 def test_preact_resnet_official_links():
     "The official pre-activation ResNet: p=0 is micro-batch BN group by group; KN layers linked as in cifar-kn-microbatch.py."
     torch.manual_seed(6)
-    net = preact_resnet(8).double(); x = torch.randn(4, 3, 16, 16, dtype=D)
+    net = preact_cifar_resnet(8).double(); x = torch.randn(4, 3, 16, 16, dtype=D)
     b0 = convert_preact_to_bkn(copy.deepcopy(net), group_size=2, p=0.0)
     torch.testing.assert_close(b0(x), torch.cat([net(x[:2]), net(x[2:])]))
-    k = convert_preact_to_bkn(preact_resnet(20), group_size=2, p=0.9, mc_samples=64)
+    k = convert_preact_to_bkn(preact_cifar_resnet(20), group_size=2, p=0.9, mc_samples=64)
     kns = [m for m in k.modules() if isinstance(m, BatchKalmanNorm2d)]
     assert len(kns) == 19 and sum(bool(m._link) for m in kns) == 18 and k.blocks[0].bn1 is None
     b3 = k.blocks[3]                                                   # first unit of stage 2: stride 2, 16 → 32

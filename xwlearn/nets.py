@@ -1,4 +1,4 @@
-"""The reference networks papers share — an MNIST-1D MLP and 1-D CNN for quick reproductions, the CIFAR ResNets for full recipes — each with a pluggable normalization layer.
+"""The reference networks papers share — an MNIST-1D MLP and 1-D CNN for quick reproductions, the CIFAR ResNets (post- and pre-activation) for full recipes — each with a pluggable normalization layer.
 
 Docs: https://xwlearn.github.io/xwlearn/00_core/nets.html.md"""
 
@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['norm_layer', 'mnist1d_mlp', 'mnist1d_cnn', 'ShortcutA', 'BasicBlock', 'CifarResNet', 'cifar_resnet', 'resnet20']
+__all__ = ['norm_layer', 'mnist1d_mlp', 'mnist1d_cnn', 'ShortcutA', 'BasicBlock', 'CifarResNet', 'cifar_resnet', 'resnet20',
+           'PreActBlock', 'PreActCifarResNet', 'preact_cifar_resnet']
 
 # %% ../nbs/00_core/06_nets.ipynb #8ba83e3f
 _KINDS = ("bn", "ln", "gn", "none")
@@ -102,3 +103,44 @@ def cifar_resnet(depth:int=20, # 6n+2: 20, 32, 44, 56, 110, ...
 def resnet20(n_classes:int=10, norm:Callable=nn.BatchNorm2d) -> CifarResNet:
     "ResNet-20 for CIFAR (3 blocks per stage, 0.27 M parameters)."
     return cifar_resnet(20, n_classes, norm)
+
+# %% ../nbs/00_core/06_nets.ipynb #dafac68c
+class PreActBlock(nn.Module):
+    "Pre-activation basic unit: [norm → ReLU →] conv → norm → ReLU → conv, plus the shortcut (2×2 avg-pool, zero-padded channels); output not activated."
+    def __init__(self, ci:int, co:int, stride:int=1,
+                 first:bool=False, # the first unit: no norm/ReLU on its input (the stem's output is already activated)
+                 norm:Callable=nn.BatchNorm2d):
+        super().__init__()
+        self.bn1 = None if first else norm(ci)
+        self.conv1, self.bn2 = nn.Conv2d(ci, co, 3, stride, 1, bias=False), norm(co)
+        self.conv2 = nn.Conv2d(co, co, 3, 1, 1, bias=False)
+        self.stride, self.extra = stride, co - ci
+
+    def forward(self, x):                                    # x: (B, ci, H, W) → (B, co, H/stride, W/stride)
+        b = x if self.bn1 is None else F.relu(self.bn1(x))
+        c = self.conv2(F.relu(self.bn2(self.conv1(b))))
+        s = F.avg_pool2d(x, self.stride) if self.stride > 1 else x
+        if self.extra: s = F.pad(s, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        return c + s
+
+class PreActCifarResNet(nn.Module):
+    "Pre-activation CIFAR ResNet-(6n+2): stem (conv → norm → ReLU), 3 stages of `n` `PreActBlock`s, norm → ReLU, pooling, linear head."
+    def __init__(self, n:int=5, n_classes:int=10, widths:tuple=(16, 32, 64), norm:Callable=nn.BatchNorm2d):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), norm(widths[0]), nn.ReLU())
+        blocks, ci = [], widths[0]
+        for s, co in enumerate(widths):
+            for k in range(n):
+                blocks.append(PreActBlock(ci, co, 2 if s > 0 and k == 0 else 1, first=s == 0 and k == 0, norm=norm)); ci = co
+        self.blocks, self.bn, self.fc = nn.Sequential(*blocks), norm(ci), nn.Linear(ci, n_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+
+    def forward(self, x):                                    # (B, 3, H, W) → logits (B, n_classes)
+        return self.fc(F.relu(self.bn(self.blocks(self.stem(x)))).mean((2, 3)))
+
+def preact_cifar_resnet(depth:int=32, # 6n+2: 20, 32, 44, 56, 110, ...
+                        n_classes:int=10, norm:Callable=nn.BatchNorm2d) -> PreActCifarResNet:
+    "The pre-activation CIFAR ResNet of the given depth (6n+2)."
+    if (depth - 2) % 6 or depth < 8: raise ValueError(f"depth must be 6n+2 ≥ 8 (20, 32, 44, ...), got {depth}")
+    return PreActCifarResNet((depth - 2) // 6, n_classes, norm=norm)

@@ -13,7 +13,7 @@ from typing import Callable, Protocol, runtime_checkable
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['Node', 'ExecTree', 'AgentState', 'LLM', 'act_prompt', 'summarize_prompt', 'validate_prompt', 'Memory',
+__all__ = ['Node', 'ExecTree', 'AgentState', 'LLM', 'act_prompt', 'summarize_prompt', 'validate_prompt', 'Memory', 'json_object',
            'parse_verdict', 'MageMemory']
 
 # %% ../../nbs/80_llm/10_agents.mage.ipynb #d84a0504
@@ -213,13 +213,18 @@ class Memory:
 # %% ../../nbs/80_llm/10_agents.mage.ipynb #e5bdc8a8
 _VERDICT = re.compile(r"(OK|FAIL)\b[\s*`'\"]*(\d+)?[\s*`'\"]*(?:[|:\-–—]\s*)?(.*)", re.I)
 
+def json_object(text:str) -> dict|None:
+    "The JSON object `text` holds when it starts with `{`, else None (a reply that merely mentions braces is not JSON)."
+    if not text.startswith("{"): return None
+    try: d = json.loads(text)
+    except json.JSONDecodeError: return None
+    return d if isinstance(d, dict) else None
+
 def parse_verdict(reply:str) -> tuple:
     "('ok' | 'fail' | 'unparsed', target or None, diagnosis) of a validator reply: `OK`, `FAIL <target> | <diagnosis>` or JSON."
     text = reply.strip()
-    if text.startswith("{"):
-        try: d = json.loads(text)
-        except json.JSONDecodeError: d = None
-        if isinstance(d, dict) and str(d.get("verdict", "")).upper() in ("OK", "FAIL"):
+    if (d := json_object(text)) is not None:
+        if str(d.get("verdict", "")).upper() in ("OK", "FAIL"):
             t = d.get("target")
             t = int(t) if isinstance(t, int) or (isinstance(t, str) and t.isdigit()) else None
             return str(d["verdict"]).lower(), t, str(d.get("diagnosis", "")).strip().split("\n")[0]

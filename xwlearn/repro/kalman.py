@@ -16,9 +16,9 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['NORM_METHODS', 'mnist1d_norm_model', 'train_mnist1d_norm', 'eval_train_stats', 'prediction_quality', 'PreActBlock',
-           'PreActCifarResNet', 'preact_resnet', 'convert_preact_to_bkn', 'resnet_init_quality', 'kalman_reproduction',
-           'kalman_cifar10_resnet32', 'kalman_imagenet_resnet50']
+__all__ = ['NORM_METHODS', 'mnist1d_norm_model', 'train_mnist1d_norm', 'eval_train_stats', 'prediction_quality',
+           'convert_preact_to_bkn', 'resnet_init_quality', 'kalman_reproduction', 'kalman_cifar10_resnet32',
+           'kalman_imagenet_resnet50']
 
 # %% ../../nbs/10_normalization/02a_repro.kalman.ipynb #fdb27e40
 from fastai.learner import Learner
@@ -29,7 +29,7 @@ from fastai.callback.progress import ProgressCallback  # also adds `Learner.no_b
 from fastprogress.fastprogress import progress_bar
 from ..core import set_seed, reproduction, recipe, Measured, mean_se, better, equivalent
 from ..data import mnist1d_dls, cifar10_dls, imagenet_dls, make_shapes_classification
-from ..nets import mnist1d_mlp, mnist1d_cnn, cifar_resnet
+from ..nets import mnist1d_mlp, mnist1d_cnn, cifar_resnet, PreActCifarResNet, preact_cifar_resnet
 from .kit import save_fig, piecewise_lr, step_schedule, classification_learner
 from ..norm.kalman import _BatchKalmanNorm, _bkn_from_bn, grouped_moments, convert_bn_to_bkn, precise_bn, bkn_splitter, ResidualPrediction
 
@@ -103,45 +103,6 @@ def prediction_quality(model:nn.Module, # a network with linked BKN layers (p > 
     return out
 
 # %% ../../nbs/10_normalization/02a_repro.kalman.ipynb #c284ed69
-class PreActBlock(nn.Module):
-    "Pre-activation basic unit of the official code: [BN → ReLU →] conv → BN → ReLU → conv, plus the shortcut (2×2 avg-pool, zero-padded channels)."
-    def __init__(self, ci:int, co:int, stride:int=1,
-                 first:bool=False, # the first unit: no BN/ReLU on its input (the stem's output is already activated)
-                ):
-        super().__init__()
-        self.bn1 = None if first else nn.BatchNorm2d(ci)
-        self.conv1, self.bn2 = nn.Conv2d(ci, co, 3, stride, 1, bias=False), nn.BatchNorm2d(co)
-        self.conv2 = nn.Conv2d(co, co, 3, 1, 1, bias=False)
-        self.stride, self.extra = stride, co - ci
-
-    def forward(self, x):                                    # x: (B, ci, H, W) → (B, co, H/stride, W/stride), not activated
-        b = x if self.bn1 is None else F.relu(self.bn1(x))
-        c = self.conv2(F.relu(self.bn2(self.conv1(b))))
-        s = F.avg_pool2d(x, self.stride) if self.stride > 1 else x
-        if self.extra: s = F.pad(s, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
-        return c + s
-
-class PreActCifarResNet(nn.Module):
-    "The official CIFAR network of `cifar-kn-microbatch.py`: pre-activation ResNet-(6n+2), widths 16/32/64."
-    def __init__(self, n:int=5, n_classes:int=10, widths:tuple=(16, 32, 64)):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
-        blocks, ci = [], widths[0]
-        for s, co in enumerate(widths):
-            for k in range(n):
-                blocks.append(PreActBlock(ci, co, 2 if s > 0 and k == 0 else 1, first=s == 0 and k == 0)); ci = co
-        self.blocks, self.bn, self.fc = nn.Sequential(*blocks), nn.BatchNorm2d(ci), nn.Linear(ci, n_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-
-    def forward(self, x):                                    # (B, 3, H, W) → logits (B, n_classes)
-        return self.fc(F.relu(self.bn(self.blocks(self.stem(x)))).mean((2, 3)))
-
-def preact_resnet(depth:int=32, n_classes:int=10) -> PreActCifarResNet:
-    "The official pre-activation CIFAR ResNet of depth 6n+2 (32: the micro-batch runs)."
-    if (depth - 2) % 6 or depth < 8: raise ValueError(f"depth must be 6n+2 ≥ 8 (20, 32, 44, ...), got {depth}")
-    return PreActCifarResNet((depth - 2) // 6, n_classes)
-
 def convert_preact_to_bkn(model:PreActCifarResNet, group_size:int|None=2, p:float=0.9, mc_samples:int=64,
                           fallback_ratio:float=100.) -> PreActCifarResNet:
     "Replace the BN layers of a `PreActCifarResNet` (in place) by BKN layers linked as in the official code; returns `model`."
@@ -164,13 +125,13 @@ def _shape_batch(n:int, seed:int) -> Tensor:
     return (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
 
 @torch.no_grad()
-def resnet_init_quality(arch:str='preact', # 'preact': the official network (`preact_resnet`); 'postact': `xwlearn.nets.cifar_resnet`
+def resnet_init_quality(arch:str='preact', # 'preact': the official network (`xwlearn.nets.preact_cifar_resnet`); 'postact': `xwlearn.nets.cifar_resnet`
                         depth:int=32, n:int=128, # network depth; images in the batch
                         micro:int=2, p:float=0.9, mc_samples:int=64, seed:int=0) -> dict:
     "BKN's prediction quality at initialisation in a CIFAR ResNet on procedural 32×32 images (medians over the linked layers)."
     if arch not in ('preact', 'postact'): raise ValueError(f"arch must be 'preact' or 'postact', got {arch!r}")
     set_seed(seed)
-    net = (convert_preact_to_bkn(preact_resnet(depth), micro, p, mc_samples) if arch == 'preact'
+    net = (convert_preact_to_bkn(preact_cifar_resnet(depth), micro, p, mc_samples) if arch == 'preact'
            else convert_bn_to_bkn(cifar_resnet(depth), group_size=micro, p=p, mc_samples=mc_samples))
     q = prediction_quality(net, _shape_batch(n, seed))
     med = lambda k: float(np.median([d[k] for d in q]))
@@ -260,7 +221,7 @@ def kalman_reproduction(out_dir:Path, test:bool=False) -> Measured:
 def kalman_cifar10_resnet32(data:Path, epochs:int=400, smoke:bool=False) -> Learner:
     "The official CIFAR-10 micro-batch BKN run; `smoke`: 64 images, batch 16 (8 groups of 2)."
     dls = cifar10_dls(data, bs=128, augment=True, smoke=smoke)
-    model = convert_preact_to_bkn(preact_resnet(32, len(dls.vocab)), group_size=2, p=0.9, mc_samples=64)
+    model = convert_preact_to_bkn(preact_cifar_resnet(32, len(dls.vocab)), group_size=2, p=0.9, mc_samples=64)
     ms = [m * epochs / 400 for m in (81, 122, 299)]
     return classification_learner(dls, model, partial(SGD, mom=0.9, decouple_wd=False), lr=0.1, wd=[2e-4, 0.0],
                                   sched=piecewise_lr([0.1, 0.01, 1e-3, 2e-4], ms, epochs),

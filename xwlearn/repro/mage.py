@@ -26,7 +26,7 @@ from fastprogress.fastprogress import progress_bar
 from ..core import cpu_threads, reproduction, recipe, Measured, better, mean_se, cache_dir, atomic_write, require
 from ..data import DatasetLayoutError
 from ..llm.core import approx_tokens, token_counter, ChatLM, OpenAIChat
-from ..agents.mage import Memory, MageMemory, LLM, act_prompt
+from ..agents.mage import Memory, MageMemory, LLM, act_prompt, json_object
 from .kit import save_fig
 
 # %% ../../nbs/80_llm/10a_repro.mage.ipynb #292c1122
@@ -158,10 +158,8 @@ _ACTION = re.compile(r"(?:(search|inspect|buy)\s+(\w+)|(submit))\b", re.I)
 def parse_action(text:str) -> str:
     "The first clause of a completion that starts with an action (or JSON `{\"action\": ...}`), else 'invalid'."
     t = text.strip()
-    if t.startswith("{"):
-        try: d = json.loads(t)
-        except json.JSONDecodeError: d = None
-        if isinstance(d, dict) and isinstance(d.get("action"), str): t = d["action"]
+    d = json_object(t)
+    if d is not None and isinstance(d.get("action"), str): t = d["action"]
     for clause in re.split(r"[\n;:,]|\.(?=\s|$)", t):               # lines, `;`, `:`, `,` and sentence ends
         m = _ACTION.match(clause.strip(" \t*`'\"!?"))
         if m: return "submit" if m[3] else f"{m[1].lower()} {m[2]}"
