@@ -22,6 +22,23 @@ def copy_roof_gbps(nbytes=2 * 2**30):
     return 2 * (nbytes // 2) * 2 / (ms * 1e-3) / 1e9
 
 
+def code_version(name=None, root=HERE.parent):
+    """Which code a result measured: the git commit, whether the files that decide the timing differ from it, and a
+    content hash (sha1, 12 hex) of each — the kernel modules `xwlearn/kernels/*.py` and the script `kernels/bench_<name>.py`.
+    A number without its code version cannot be compared with a later run of changed kernels."""
+    import hashlib, subprocess
+    files = sorted((root / "xwlearn" / "kernels").glob("*.py"))
+    if name: files.append(HERE / f"bench_{name}.py")
+    def git(*a):
+        try: r = subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError): return None
+        return r.stdout.strip() if r.returncode == 0 else None
+    rel = [str(f.relative_to(root)) for f in files if f.exists()]
+    dirty = git("status", "--porcelain", "--", *rel)
+    return dict(commit=git("rev-parse", "HEAD"), dirty=None if dirty is None else bool(dirty),
+                files={r: hashlib.sha1((root / r).read_bytes()).hexdigest()[:12] for r in rel})
+
+
 def discover(only=None):
     "The `bench` functions of `kernels/bench_<name>.py`, by name."
     found = {}
@@ -82,6 +99,7 @@ def main(argv=None):
             r = fn(roof)
         except Exception as e:  # one failing kernel must not hide the others' numbers
             traceback.print_exc(); r = dict(error=f"{type(e).__name__}: {e}"); status = 1
+        r = dict(r, code=code_version(name))
         print_result(name, r)
         torch.cuda.empty_cache()
         record(f, run, name, r)  # after each bench: a later crash keeps these

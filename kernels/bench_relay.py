@@ -113,7 +113,7 @@ def bench(roof_gbps):
         extra[tag] = dict(sweep=r["sweep"], floor_ms=r["floor_ms"], floor_bytes=r["floor_bytes"], concat_bytes=r["concat_bytes"])
     best = lambda tag: min((v["ms"] for k, v in rows.items() if k.startswith(f"[{tag}] xwlearn relay_decode") and v["ms"] == v["ms"]),
                            default=float("nan"))
-    t = "H_kv=32"; sd = rows[f"[{t}] SDPA over concatenated KV"]["ms"]; of = rows[f"[{t}] official design (PyTorch flash+LSE x2, merge)"]["ms"]
+    t = f"H_kv={SHAPES[0]['H_kv']}"; sd = rows[f"[{t}] SDPA over concatenated KV"]["ms"]; of = rows[f"[{t}] official design (PyTorch flash+LSE x2, merge)"]["ms"]
     return dict(shape="decode step, B=64, L_sys=4096, L_req=128, H=32, D=128, fp16; H_kv=32 (MHA) and H_kv=8 (GQA)",
                 rows=rows, per_shape=extra,
                 target="relay_decode >= 10x faster than SDPA over the concatenated KV and faster than the official design (H_kv=32)",

@@ -33,3 +33,18 @@ def test_discover_finds_every_script():
     assert all(callable(fn) for fn in found.values())
     for name in ("adax_step", "relay", "bra"):
         assert found[name].__globals__["copy_roof_gbps"].__code__.co_filename == str(KERNELS / "bench.py")
+
+
+def test_every_result_records_its_code_version(tmp_path):
+    "A result carries the commit, a dirty flag and a content hash of each kernel module and of its bench script."
+    d = _driver()
+    v = d.code_version("relay")
+    assert set(v) == {"commit", "dirty", "files"}
+    assert "kernels/bench_relay.py" in v["files"] and "xwlearn/kernels/relay.py" in v["files"]
+    assert all(len(h) == 12 for h in v["files"].values())
+    (tmp_path / "xwlearn" / "kernels").mkdir(parents=True)
+    f = tmp_path / "xwlearn" / "kernels" / "k.py"; f.write_text("a = 1\n")
+    h1 = d.code_version(root=tmp_path)["files"]["xwlearn/kernels/k.py"]
+    f.write_text("a = 2\n")
+    assert d.code_version(root=tmp_path)["files"]["xwlearn/kernels/k.py"] != h1   # a changed kernel changes its hash
+    assert d.code_version(root=tmp_path)["commit"] is None                            # not a git checkout: said, not guessed

@@ -34,12 +34,26 @@ def run(opt_fn, shapes, dev, steps=60, dtype=torch.float32, seed=0):
     return [p.detach() for p in ps], opt
 
 
+# The interpreter runs small blocks: the 1500-element tensor then has 5 full blocks (the kernel's unmasked fast path)
+# and one masked partial block, and spans two chunks. (A block larger than every tensor would test the masked path only.)
+INTERP_CFG = dict(block=256, chunk=1024)
+
+
 @pytest.fixture(autouse=True)
 def _cfg():
     saved = dict(K.ADAX_KERNEL_CONFIG)
-    if K._INTERPRET and not CUDA: K.ADAX_KERNEL_CONFIG.update(block=8192, chunk=8192)  # fewest interpreted programs
+    if K._INTERPRET and not CUDA: K.ADAX_KERNEL_CONFIG.update(INTERP_CFG)  # the MODULE's config: the optimizer launches with it
     yield
-    K.ADAX_KERNEL_CONFIG.update(saved)
+    K.ADAX_KERNEL_CONFIG.clear(); K.ADAX_KERNEL_CONFIG.update(saved)
+
+
+@pytest.mark.parametrize("dev", DEVS)
+def test_both_kernel_paths_are_exercised(dev):
+    "The shapes the 60-step tests use have full blocks (unmasked path) and partial blocks (masked path) under the config in force."
+    blk = K.ADAX_KERNEL_CONFIG["block"]; ns = [torch.Size(s).numel() for s in shapes_for(dev)]
+    assert sum(n // blk for n in ns) >= 2, (blk, ns)           # full blocks: `_adax_block(..., MASKED=False)`
+    assert sum(n % blk > 0 for n in ns) >= 2, (blk, ns)        # partial blocks: the masked path
+    assert any(n > K.ADAX_KERNEL_CONFIG["chunk"] for n in ns)  # a tensor spread over several programs
 
 
 @pytest.mark.parametrize("dev", DEVS)
@@ -55,10 +69,10 @@ def test_fused_matches_reference_60_steps(dev, variant):
 
 @pytest.mark.parametrize("dev", DEVS)
 def test_one_step_chunks_and_decay_variants(dev):
-    "Several chunks per tensor (small chunk), every weight-decay variant, fp32 and bf16, vs `adax_step_ref`."
+    "Several chunks per tensor (small chunk), every weight-decay variant, fp32, bf16 and fp16, vs `adax_step_ref`."
     shapes = shapes_for(dev); g = torch.Generator().manual_seed(1)
     kw = dict(lr=1e-2, beta1=0.9, beta2_hat=adax_beta2_hat(7, 1e-4), eps_hat=adax_eps_hat(7, 1e-4, 1e-12))
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for wd, dec in [(0.0, False), (5e-2, True), (5e-4, False)]:
             a = [[torch.randn(s, generator=g).to(dev, dtype) for s in shapes] for _ in range(2)] + \
                 [[torch.rand(s, generator=g).to(dev) for s in shapes] for _ in range(2)]
@@ -67,7 +81,7 @@ def test_one_step_chunks_and_decay_variants(dev):
             K.adax_step_ref(*b, **kw, weight_decay=wd, decoupled=dec)
             for xs, ys in zip(a, b):
                 for x, y in zip(xs, ys):
-                    torch.testing.assert_close(x.float(), y.float(), rtol=1e-6 if dtype == torch.float32 else 2**-7, atol=1e-6)
+                    torch.testing.assert_close(x.float(), y.float(), rtol={torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype], atol=1e-6)
 
 
 def _round_bf16(x):
@@ -76,13 +90,19 @@ def _round_bf16(x):
     return (x.contiguous().view(torch.int32) & -65536).view(torch.float32).bfloat16()
 
 
+def _round_to(x, dtype):
+    "fp32 -> the parameter dtype as the executing device rounds (fp16: nearest-even everywhere, the interpreter included)."
+    return _round_bf16(x) if dtype == torch.bfloat16 else x.to(dtype)
+
+
 @pytest.mark.parametrize("dev", DEVS)
-def test_bf16_params_fp32_state(dev):
-    "bf16 θ, fp32 m and v̂: equals the reference update on an fp32 copy of θ rounded to bf16 after every step."
-    shapes = shapes_for(dev)[:3]; steps = 30
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_params_fp32_state(dev, dtype):
+    "bf16/fp16 θ, fp32 m and v̂: equals the reference update on an fp32 copy of θ rounded to θ's dtype after every step."
+    shapes = shapes_for(dev)[:3] + shapes_for(dev)[-1:]; steps = 30     # the last shape has full (unmasked) blocks
     g = torch.Generator().manual_seed(3)
-    p0 = [torch.randn(s, generator=g).to(dev, torch.bfloat16) for s in shapes]
-    grads = [[(torch.randn(s, generator=g) * (20 if k % 9 == 0 else 1)).to(dev, torch.bfloat16) for s in shapes] for k in range(steps)]
+    p0 = [torch.randn(s, generator=g).to(dev, dtype) for s in shapes]
+    grads = [[(torch.randn(s, generator=g) * (20 if k % 9 == 0 else 1)).to(dev, dtype) for s in shapes] for k in range(steps)]
     ps = [torch.nn.Parameter(p.clone()) for p in p0]; opt = AdaXW(ps, fused=True)
     for gs in grads:
         for p, gr in zip(ps, gs): p.grad = gr
@@ -94,8 +114,11 @@ def test_bf16_params_fp32_state(dev):
         p32 = [p.float() for p in ref]
         K.adax_step_ref(p32, [x.float() for x in gs], ms, vs, lr=5e-3, beta1=0.9, beta2_hat=adax_beta2_hat(t, 1e-4),
                         eps_hat=adax_eps_hat(t, 1e-4, 1e-12), weight_decay=5e-2, decoupled=True)
-        ref = [_round_bf16(p) for p in p32]
-    for a, b in zip(ps, ref): torch.testing.assert_close(a.detach().float(), b.float(), rtol=2**-6, atol=1e-6)  # ≤ ~2 bf16 ulps (FMA contraction may differ)
+        ref = [_round_to(p, dtype) for p in p32]
+    tol = 2**-6 if dtype == torch.bfloat16 else 2**-9                  # ≤ ~2 ulps of θ's dtype (FMA contraction may differ)
+    for a, b in zip(ps, ref):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.detach().float(), b.float(), rtol=tol, atol=1e-6)
     for a, b in zip(ms, [opt.state[p]["exp_avg"] for p in ps]): torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 

@@ -219,3 +219,50 @@ if __name__ == "__main__" and "--interpreter" in sys.argv:
     torch.set_num_threads(1)
     run_all_cases("cpu")
     print("ALL OK")
+
+
+@pytest.mark.parametrize("shape, repeat", [((2, 3, 9, 4, 8, 3), False), ((1, 2, 4, 16, 8, 4), False), ((2, 2, 6, 4, 4, 3), True)])
+def test_dense_masked_path_is_routed_attention(shape, repeat):
+    "path='dense' (SDPA with the routing mask) equals the independent oracle, forward and gradients, in float64 —"
+    " repeated regions included (log 2 in the mask, computed in float64)."
+    from xwlearn.kernels import bra
+    q, k, v, idx = make(*shape, repeat=repeat)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    o, o_ref = bra.bra_attention(q, k, v, idx, path="dense"), oracle(q, k, v, idx)
+    assert rel_err(o, o_ref) < 1e-12
+    do = torch.randn_like(o)
+    for a, b in zip(torch.autograd.grad(o, (q, k, v), do), torch.autograd.grad(o_ref, (q, k, v), do)):
+        assert rel_err(a, b) < 1e-12
+    with pytest.raises(ValueError, match="path must be one of"): bra.bra_attention(q, k, v, idx, path="fastest")
+
+
+def test_cost_rule_picks_per_stage(monkeypatch):
+    "bra_path: short sequences with a small mask go dense, long ones (or a huge mask) to the kernel; thresholds are knobs."
+    from xwlearn.kernels import bra
+    stage = lambda B, n, T: torch.empty(B, 2, n, T, 32, dtype=torch.bfloat16, device="meta")
+    assert [bra.bra_path(stage(64, 49, T), None) for T in (64, 16, 4)] == ["kernel", "dense", "dense"]
+    assert bra.bra_path(stage(4096, 49, 16), None) == "kernel"                 # 4096 x 784^2 x 2 B = 5 GB mask
+    monkeypatch.setattr(bra, "BRA_DENSE_MAX_TOKENS", 100)
+    assert bra.bra_path(stage(64, 49, 16), None) == "kernel"
+    q, k, v, idx = make(1, 2, 4, 4, 8, 2)                                      # 16 tokens: auto = dense, same numbers
+    assert rel_err(bra.bra_attention(q, k, v, idx, path="auto"), oracle(q, k, v, idx)) < 1e-12
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the real benchmark runs on the GPU (kernels/gpu_check.sh)")
+def test_benchmark_script_dry_run_on_cpu(monkeypatch):
+    "kernels/bench_bra.py end to end on CPU tensors (PyTorch fallback paths, tiny shapes and model, wall-clock timer):"
+    " every peer row, the auto and masked-SDPA rows, and the whole-model case run and are checked — no GPU minutes lost to a script bug."
+    import importlib.util, time, triton.testing as tt
+    spec = importlib.util.spec_from_file_location("xw_bench_bra_dry", ROOT / "kernels/bench_bra.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    monkeypatch.setattr(tt, "do_bench", lambda fn, **kw: (lambda t: (fn(), 1e3 * (time.perf_counter() - t))[1])(time.perf_counter()))
+    torch.manual_seed(0)
+    r = mod.bench_case("tiny 8x8 h2 r4 top2", 2, 8, 2, 8, 4, 2, roof_gbps=1.0, flex=False, device="cpu", variants=("v2",))
+    rows = r["rows"]
+    assert {"official gather BRA", "full SDPA", "window SDPA", "masked SDPA (routed)", "xwlearn BRA (auto)",
+            "xwlearn BRA (v2)"} <= set(rows), rows.keys()
+    for name in ("masked SDPA (routed)", "xwlearn BRA (auto)", "xwlearn BRA (v2)", "official gather BRA"):
+        assert rows[name].get("ok") and rows[name]["ms"] > 0, (name, rows[name])
+    m = mod.bench_model("xw_biformer_tiny", B=2, img=32, device="cpu", impls=("gather", "auto"), auto_pad=True)
+    assert all("error" not in v and v["ms"] > 0 for v in m["rows"].values()), m["rows"]
+    assert max(v["err"] for v in m["rows"].values()) < 1e-5                  # same weights, same batch: same logits

@@ -89,6 +89,19 @@ def test_relay_decode(dev, dtype, tol, i):
 
 
 @pytest.mark.parametrize("dev", DEVS)
+@pytest.mark.parametrize("Lr, lens, S", [(5, None, 1), (5, [5, 0, 2], 2), (0, None, 1)])
+def test_relay_decode_empty_system_prompt(dev, Lr, lens, S):
+    "L_sys = 0 (no shared prefix): the kernel is plain decode over each request's KV (it crashed with a division by zero);"
+    " no keys at all gives 0 and an LSE of −inf, not NaN."
+    q, ks, vs, kr, vr, rl = problem(dev, torch.float32, B=3, H=4, Hk=2, Ls=0, Lr=Lr, D=16, lens=lens)
+    o, l = KR.relay_decode(q, ks, vs, kr, vr, req_lens=rl, num_splits=S, return_lse=True)
+    o_ref, l_ref = attention_lse(q, kr, vr, kv_lens=rl)
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o, relay_attention(q, ks, vs, kr, vr, req_lens=rl), rtol=1e-5, atol=1e-5)
+    assert not o.isnan().any() and torch.equal(torch.isneginf(l), torch.isneginf(l_ref))
+
+
+@pytest.mark.parametrize("dev", DEVS)
 def test_relay_decode_lse_and_two_pass(dev):
     "The LSE of the fused kernel, and flash_decode ×2 + lse_merge (the paper's design from our kernels)."
     q, ks, vs, kr, vr, rl = problem(dev, torch.float32, **cases(dev)[1])
@@ -143,3 +156,31 @@ def test_flash_decode_batch_heads_on_unbounded_grid_axis(monkeypatch):
     q = torch.zeros(B, 2 * Hk, 1, D); k = torch.zeros(B, Hk, 8, D)
     KR.flash_decode(q, k, k, num_splits=1)
     assert grids[0][0] == B * Hk and max(grids[0][1:]) <= 65_535
+
+
+@pytest.mark.skipif(CUDA, reason="the real benchmark runs on the GPU (kernels/gpu_check.sh)")
+def test_benchmark_script_dry_run_on_cpu(monkeypatch):
+    "kernels/bench_relay.py end to end on CPU tensors (interpreter, tiny shapes, a wall-clock timer): no GPU minutes lost to a script bug."
+    import importlib.util, time, triton.testing as tt
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("xw_bench_relay_dry", Path(__file__).parents[1] / "kernels/bench_relay.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "DEV", "cpu")
+    monkeypatch.setattr(mod, "SHAPES", [dict(B=2, H=4, H_kv=4, L_sys=20, L_req=3, D=16),     # MHA and GQA, tiny
+                                        dict(B=2, H=4, H_kv=2, L_sys=20, L_req=3, D=16)])
+    monkeypatch.setattr(mod, "_configs", lambda G: [dict(block_m=16, num_splits=1, block_n=16, num_warps=4, num_stages=2),
+                                                    dict(block_m=16, num_splits=2, block_n=16, num_warps=4, num_stages=2)])
+
+    def do_bench(fn, return_mode="median"):
+        t = time.perf_counter(); fn(); return 1e3 * (time.perf_counter() - t)
+
+    def no_graphs(fn, return_mode="median"): raise RuntimeError("no CUDA graphs on the CPU")   # the eager fallback path
+    monkeypatch.setattr(tt, "do_bench", do_bench)
+    monkeypatch.setattr(tt, "do_bench_cudagraph", no_graphs)
+    r = mod.bench(roof_gbps=1.0)
+    names = {"SDPA over concatenated KV", "official design (PyTorch flash+LSE x2, merge)", "xwlearn flash_decode x2 + lse_merge",
+             "xwlearn relay_decode (one kernel)", "xwlearn relay_decode (split-K + combine)"}
+    assert set(r["rows"]) == {f"[H_kv={h}] {n}" for h in (4, 2) for n in names}
+    for k, v in r["rows"].items():
+        assert "error" not in v and v["ms"] > 0 and v["rel_err"] < 5e-3, (k, v)
+    assert isinstance(r["met"], bool) and len(r["per_shape"]["H_kv=2"]["sweep"]) == 2

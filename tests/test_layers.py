@@ -18,12 +18,16 @@ LIB = ROOT/"xwlearn"
 
 CORE = {"xwlearn.core"}
 SUBSTRATE = {"xwlearn.data", "xwlearn.nets", "xwlearn.distributed", "xwlearn.recipes", "xwlearn.repro.kit",
-             "xwlearn.vision.detection", "xwlearn.llm.core"}
+             "xwlearn.vision.detection", "xwlearn.llm.core",
+             # the vision substrate (issues 19-21): light pieces (torch/torchvision/scipy/numpy) and the fastai side
+             "xwlearn.vision.evaluation", "xwlearn.vision.scenes", "xwlearn.vision.formats", "xwlearn.vision.datasets",
+             "xwlearn.vision.transforms", "xwlearn.vision.layers", "xwlearn.vision.detr", "xwlearn.vision.learner"}
 TOP = {"xwlearn.cli", "xwlearn.__main__", "xwlearn.docs", "xwlearn.report"}
 META = {"xwlearn", "xwlearn._modidx"}           # the package itself (version, docstring) and nbdev's symbol index
 REGISTRIES = {"xwlearn.models": "xwlearn.models."}  # timm-style: `import xwlearn.models` registers every backbone
 # substrate pieces a method module may NOT import (training loop, reproduction kit, accelerate-only code)
-HEAVY_SUBSTRATE = {"xwlearn.recipes", "xwlearn.repro.kit", "xwlearn.distributed"}
+HEAVY_SUBSTRATE = {"xwlearn.recipes", "xwlearn.repro.kit", "xwlearn.distributed", "xwlearn.vision.learner",
+                   "xwlearn.vision.detection"}
 
 def module_name(path:Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)

@@ -324,12 +324,13 @@ def relay_decode(q:Tensor, # queries of one decode step (B, H, 1, D)
     q, k_sys, v_sys, k_req, v_req = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_sys, v_sys, k_req, v_req))
     if block_m is None: block_m = max(16, G_PAD)
     BB = max(1, block_m // G_PAD)
-    BLOCK_D = max(16, triton.next_power_of_2(D)); BLOCK_N = max(16, min(block_n, triton.next_power_of_2(L_sys)))
+    BLOCK_D = max(16, triton.next_power_of_2(D)); BLOCK_N = max(16, min(block_n, triton.next_power_of_2(max(L_sys, 1))))
     if block_nr is None: block_nr = max(1, 128 // BB)
     BLOCK_NR = max(1, min(triton.next_power_of_2(block_nr), triton.next_power_of_2(max(L_req, 1))))
     while BB * BLOCK_NR < 16: BLOCK_NR *= 2                           # tl.dot needs ≥ 16 columns
-    split_len = triton.cdiv(triton.cdiv(L_sys, num_splits), BLOCK_N) * BLOCK_N
-    n_prog = triton.cdiv(L_sys, split_len)                            # 1: one fused program per tile; else split-K
+    split_len = max(1, triton.cdiv(triton.cdiv(L_sys, num_splits), BLOCK_N)) * BLOCK_N
+    n_prog = max(1, triton.cdiv(L_sys, split_len))                    # 1: one fused program per tile; else split-K
+                                                                      # (L_sys = 0: one program, its system loop is empty)
     split_r = triton.cdiv(triton.cdiv(max(L_req, 1), n_prog), BLOCK_NR) * BLOCK_NR  # each split: a slice of both parts
     odt = q.dtype if n_prog == 1 else torch.float32
     o = torch.empty((n_prog, B, H, D), dtype=odt, device=q.device)
