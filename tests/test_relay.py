@@ -175,6 +175,9 @@ def test_relay_lm_tiny_llama_matches_stock():
     ref = [stock_greedy(m, sys_ids + r, 8) for r in reqs]
     assert RelayLM(m).set_system(sys_ids).generate(reqs, 8).tolist() == ref
     assert RelayLM(m, relay=False).set_system(sys_ids).generate(reqs, 8).tolist() == ref
+    rl = RelayLM(m).set_system(sys_ids)
+    assert rl.sharing_system(relay=False).generate(reqs, 8).tolist() == ref       # the same system KV in the stock layout
+    with pytest.raises(ValueError, match=r"every request needs at least one token, got lengths \[1, 0\]"): rl.generate([[3], []], 2)
     # the stock forward is untouched outside relay calls
     assert stock_greedy(m, sys_ids + reqs[1], 8) == ref[1]
 
@@ -228,3 +231,62 @@ def test_attention_lse_and_merge_refuse_bad_inputs():
     with pytest.raises(TypeError, match="k must be a floating-point tensor"): attention_lse(Q, KR.long(), KR)
     o, l = attention_lse(Q, KR, KR)
     with pytest.raises(TypeError, match="lse2 must be a floating-point tensor"): merge_attention(o, l, o, l.long())
+
+
+def official_relay_fusion(out_sys, lse_sys, out_usr, lse_usr):
+    "The merge as the paper's official code writes it (vllm-ra `relay_fusion`, native backend), transcribed as a formula."
+    a = 1. / (1. + (lse_usr.float() - lse_sys.float()).exp())[..., None]
+    return (a * out_sys.float() + (1. - a) * out_usr.float()).to(out_sys.dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3), (torch.bfloat16, 1e-2)])
+def test_merge_equals_official_relay_fusion(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    o1, o2 = (torch.randn(7, 5, 16, generator=g).to(dtype) for _ in range(2))      # (tokens, heads, head_size)
+    l1, l2 = (torch.randn(7, 5, generator=g) * 4 for _ in range(2))                # lse in float32, as the official kernels
+    torch.testing.assert_close(merge_attention(o1, l1, o2, l2)[0].float(), official_relay_fusion(o1, l1, o2, l2).float(),
+                               atol=tol, rtol=tol)
+
+
+def test_attention_patch_routes_every_layer_and_falls_through():
+    from xwlearn.llm.relay import AttentionPatch
+    m = _tiny_llama(); ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        h_ref, logits_ref = m.get_decoder()(input_ids=ids).last_hidden_state, m(input_ids=ids).logits
+        seen = []
+        def attend(i, q, k, v, scale):
+            seen.append((i, tuple(q.shape), tuple(k.shape)))
+            return ref_attention(q, k, v, torch.ones(6, 6, dtype=torch.bool).tril()[None, None], scale)[0].float()
+        p = AttentionPatch(m, attend)
+        h = p.hidden(ids, torch.arange(6)[None].expand(2, -1))
+        torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)      # an independent float64 attention: same model
+        assert seen == [(0, (2, 4, 6, 8), (2, 2, 6, 8)), (1, (2, 4, 6, 8), (2, 2, 6, 8))]
+        assert torch.equal(m(input_ids=ids).logits, logits_ref)         # inactive: bit-for-bit the stock forward
+        assert not p.active and len(seen) == 2
+    with pytest.raises(ValueError, match=r"model \(Linear\) has no Llama-style attention modules"): AttentionPatch(torch.nn.Linear(2, 2), attend)
+
+
+@pytest.mark.parametrize("relay", [True, False])
+def test_relay_cache_layout(relay):
+    from xwlearn.llm.relay import RelayCache
+    g = torch.Generator().manual_seed(2)
+    Hkv, D, Ls, B, Lp = 2, 8, 5, 3, 4
+    ks, vs = torch.randn(2, Hkv, Ls, D, generator=g)
+    pk, pv = torch.randn(2, B, Hkv, Lp, D, generator=g); nk, nv = torch.randn(2, B, Hkv, 2, D, generator=g)
+    lens = torch.tensor([4, 1, 3])
+    c = RelayCache(relay); c.set_system(0, ks, vs); c.allocate(B, Lp + 2)
+    off = 0 if relay else Ls
+    assert c.kc[0].shape == (B, Hkv, off + Lp + 2, D)                  # relay: no per-request copy of the system KV
+    assert c.write(0, pk, pv) == off + Lp
+    assert c.write(0, nk, nv, start=lens) == off + int(lens.max()) + 2  # two tokens per row at its own columns
+    kr = torch.zeros(B, Hkv, Lp + 2, D); vr = torch.zeros_like(kr)
+    for b in range(B):
+        L = int(lens[b]); kr[b, :, :L], vr[b, :, :L] = pk[b, :, :L], pv[b, :, :L]
+        kr[b, :, L:L + 2], vr[b, :, L:L + 2] = nk[b], nv[b]
+        torch.testing.assert_close(c.kc[0][b, :, off:off + L + 2], kr[b, :, :L + 2], atol=0, rtol=0)
+    if not relay: assert torch.equal(c.kc[0][:, :, :Ls], ks.expand(B, -1, -1, -1))
+    q = torch.randn(B, 4, 1, D, generator=g)                            # a decode query of each row sees all its keys
+    out = c.attend(0, q, off + int(lens.max()) + 2, lens + 2)
+    torch.testing.assert_close(out.double(), ref_relay(q, ks, vs, kr, vr, lens + 2), atol=2e-5, rtol=2e-5)
+    c.release(); assert c.kc == {}
+    with pytest.raises(RuntimeError, match="set the system KV"): RelayCache(relay).allocate(2, 3)

@@ -12,7 +12,7 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['norm_layer', 'mnist1d_mlp', 'mnist1d_cnn', 'ShortcutA', 'BasicBlock', 'CifarResNet', 'cifar_resnet', 'resnet20',
-           'PreActBlock', 'PreActCifarResNet', 'preact_cifar_resnet']
+           'PreActBlock', 'PreActCifarResNet', 'preact_cifar_resnet', 'ema_', 'ModelEMA']
 
 # %% ../nbs/00_core/06_nets.ipynb #8ba83e3f
 _KINDS = ("bn", "ln", "gn", "none")
@@ -144,3 +144,31 @@ def preact_cifar_resnet(depth:int=32, # 6n+2: 20, 32, 44, 56, 110, ...
     "The pre-activation CIFAR ResNet of the given depth (6n+2)."
     if (depth - 2) % 6 or depth < 8: raise ValueError(f"depth must be 6n+2 ≥ 8 (20, 32, 44, ...), got {depth}")
     return PreActCifarResNet((depth - 2) // 6, n_classes, norm=norm)
+
+# %% ../nbs/00_core/06_nets.ipynb #07838cff
+from timm.utils.model_ema import ModelEmaV3
+
+@torch.no_grad()
+def ema_(avg:Tensor, # the running average, updated in place
+         new:Tensor, # this step's value
+         momentum:float, # μ: the weight of the old average
+        ) -> Tensor:
+    "In place: avg ← μ·avg + (1 − μ)·new; returns `avg`."
+    if not 0 <= momentum <= 1: raise ValueError(f"momentum: expected a number in [0, 1], got {momentum}")
+    return avg.lerp_(new.to(avg.dtype), 1 - momentum)
+
+class ModelEMA(ModelEmaV3):
+    "timm's `ModelEmaV3` that counts its updates (a buffer), so `state_dict`/`load_state_dict` resume both the average and the warm-up."
+    def __init__(self, model:nn.Module, # the student; deep-copied
+                 decay:float=0.999, # μ
+                 **kwargs, # passed to `ModelEmaV3` (use_warmup, warmup_power, update_after_step, device, ...)
+                ):
+        super().__init__(model, decay=decay, **kwargs)
+        self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
+        for p in self.module.parameters(): p.requires_grad_(False)  # a teacher is never trained by backprop
+
+    @torch.no_grad()
+    def update(self, model:nn.Module, step:int|None=None):
+        "One EMA step; `step` defaults to the update count (what timm's warm-up schedule needs)."
+        super().update(model, step=int(self.n_updates) if step is None and self.use_warmup else step)
+        self.n_updates += 1

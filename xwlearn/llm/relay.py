@@ -14,7 +14,25 @@ from torch import Tensor
 from ..core import require
 
 # %% auto #0
-__all__ = ['attention_lse', 'merge_attention', 'relay_attention', 'RelayLM', 'stock_greedy']
+__all__ = ['intensity', 'traffic_saving', 'attention_lse', 'merge_attention', 'relay_attention', 'AttentionPatch', 'RelayCache',
+           'RelayLM', 'stock_greedy']
+
+# %% ../../nbs/80_llm/01_llm.relay.ipynb #f4370390
+def intensity(B:int, L_sys:int, L_req:int, # batch size, system-prompt keys, keys of each request
+              part:str='relay', # 'stock' (per-request KV), 'system' (relay's system part alone) or 'relay' (the whole relay op)
+              g:int=3, # query heads per KV head (H / H_kv)
+              p:int=2, # bytes per element (2: fp16/bf16, 4: fp32)
+             ) -> float: # FLOPs per byte of KV read
+    "Arithmetic intensity of one decode step's attention, per KV head (only KV reads counted; the head dim cancels)."
+    if part == 'stock': flops, keys = 4 * g * B * (L_sys + L_req), B * (L_sys + L_req)
+    elif part == 'system': flops, keys = 4 * g * B * L_sys, L_sys
+    elif part == 'relay': flops, keys = 4 * g * B * (L_sys + L_req), L_sys + B * L_req
+    else: raise ValueError(f"intensity: part must be 'stock', 'system' or 'relay', got {part!r}")
+    return flops / (2 * p * keys)
+
+def traffic_saving(B:int, L_sys:int, L_req:int) -> float:
+    "Predicted memory-traffic saving of relay in a decode step: KV bytes read by stock attention / by relay."
+    return B * (L_sys + L_req) / (L_sys + B * L_req)
 
 # %% ../../nbs/80_llm/01_llm.relay.ipynb #7c9ebc63
 def _check_qkv(fn, q, k, v, qn='q', kn='k', vn='v', batched=True):
@@ -123,103 +141,162 @@ def relay_attention(q:Tensor, # queries (B, H, M, D)
 
 # %% ../../nbs/80_llm/01_llm.relay.ipynb #1c11e6b8
 def _attention_modules(model) -> list:
+    "The Llama-style attention modules of `model`: q/k/v/o projections and a layer index."
     return [m for m in model.modules() if all(hasattr(m, a) for a in ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'layer_idx'))]
 
-class RelayLM:
-    "Greedy batched decoding of a HF Llama-family model with a shared system prompt, with relay (or concatenated) attention."
+class AttentionPatch:
+    "Route every Llama-style attention layer of `model` through `attend` while active; the stock forward otherwise."
     def __init__(self, model, # a HF causal LM with Llama-style attention (q/k/v/o_proj, layer_idx, RoPE)
-                 relay:bool=True, # False: the system KV is copied into every request's cache (stock layout)
+                 attend, # attend(layer_idx, q (B,H,M,D), k, v (B,H_kv,M,D) after RoPE, scale) -> (B,H,M,D)
                 ):
         import sys
-        self.model, self.relay, self.active = model.eval(), relay, False
+        self.model, self.attend, self.active = model, attend, False
         self.attns = _attention_modules(model)
-        if not self.attns: raise ValueError("RelayLM: model has no Llama-style attention modules (q_proj, k_proj, v_proj, o_proj, layer_idx)")
-        self.k_sys, self.v_sys, self.kc, self.vc, self.L_sys = {}, {}, {}, {}, None
+        if not self.attns: raise ValueError(f"AttentionPatch: model ({type(model).__name__}) has no Llama-style attention "
+                                            "modules (q_proj, k_proj, v_proj, o_proj, layer_idx)")
         self._fw = {}
         for a in self.attns:
             if not hasattr(a, '_relay_stock_forward'): a._relay_stock_forward = a.forward   # the unpatched bound method
             self._fw[a] = self._patched(a, a._relay_stock_forward, sys.modules[type(a).__module__].apply_rotary_pos_emb)
-        self._install()
+        self.install()
 
-    def _install(self):
-        "(Re)install this object's forwards (another `RelayLM` on the same model may have replaced them)."
+    def install(self):
+        "(Re)install this patch's forwards (another patch on the same model may have replaced them)."
         for a, f in self._fw.items(): a.forward = f
 
     def _patched(self, a, stock, rope):
         def forward(hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
             if not self.active:
                 return stock(hidden_states, *args, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs)
-            return self._attend(a, rope, hidden_states, position_embeddings)
+            B, M, _ = hidden_states.shape; D = a.head_dim
+            q, k, v = (p(hidden_states).view(B, M, -1, D).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
+            q, k = rope(q, k, *position_embeddings)                   # RoPE before caching, as the stock model does
+            o = self.attend(a.layer_idx, q, k, v, a.scaling)
+            return a.o_proj(o.transpose(1, 2).reshape(B, M, -1)), None
         return forward
 
-    def _attend(self, a, rope, h, pe):
-        B, M, _ = h.shape; D, i = a.head_dim, a.layer_idx
-        q, k, v = (p(h).view(B, M, -1, D).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
-        q, k = rope(q, k, *pe)                                        # RoPE before caching, as the stock model does
-        if self.mode == 'system':                                     # one-off prefill of the shared prompt (B = 1)
-            self.k_sys[i], self.v_sys[i] = k[0], v[0]
-            o = attention_lse(q, k, v, a.scaling, causal=True)[0]
-        else:
-            kc, vc, off = self.kc[i], self.vc[i], 0 if self.relay else self.L_sys
-            if self.start is None: kc[:, :, off:off + M], vc[:, :, off:off + M] = k, v; N = off + M   # prefill
-            else:                                                     # decode: row b writes at column off + start[b]
-                idx = (off + self.start[:, None] + torch.arange(M, device=h.device))[:, None, :, None].expand(B, k.shape[1], M, D)
-                kc.scatter_(2, idx, k); vc.scatter_(2, idx, v); N = off + int(self.start.max()) + M
-            if self.relay: o = relay_attention(q, self.k_sys[i], self.v_sys[i], kc[:, :, :N], vc[:, :, :N], a.scaling,
-                                               req_lens=self.valid, causal=M > 1)
-            else: o = attention_lse(q, kc[:, :, :N], vc[:, :, :N], a.scaling, causal=M > 1, kv_lens=off + self.valid)[0]
-        return a.o_proj(o.transpose(1, 2).reshape(B, M, -1)), None
-
-    def _hidden(self, ids, pos, mode):
-        self._install(); self.active, self.mode = True, mode
+    def hidden(self, ids:Tensor, pos:Tensor) -> Tensor: # token ids (B, M), positions (B, M) -> last hidden states (B, M, hidden)
+        "Run the decoder with the patched attention (no Hugging Face cache)."
+        self.install(); self.active = True
         try: return self.model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
         finally: self.active = False
+
+# %% ../../nbs/80_llm/01_llm.relay.ipynb #9ca1f64f
+class RelayCache:
+    "KV storage of a serving engine: the system KV once per layer and a preallocated, right-padded per-request KV."
+    def __init__(self, relay:bool=True): # False: every request's rows start with a copy of the system KV (stock layout)
+        self.relay, self.k_sys, self.v_sys, self.L_sys, self.kc, self.vc = relay, {}, {}, None, {}, {}
+
+    def set_system(self, i:int, k:Tensor, v:Tensor): # layer index; system keys and values (H_kv, L_sys, D) after RoPE
+        self.k_sys[i], self.v_sys[i], self.L_sys = k, v, k.shape[1]
+
+    @property
+    def offset(self) -> int: return 0 if self.relay else self.L_sys   # the column of request token 0
+
+    def allocate(self, B:int, capacity:int): # batch size; request tokens per row (prompt + generated)
+        "Zeroed per-request storage (B, H_kv, offset + capacity, D) for every layer; the stock layout copies the system KV in."
+        if self.L_sys is None: raise RuntimeError("RelayCache.allocate: set the system KV of every layer first (set_system)")
+        for i, ks in self.k_sys.items():
+            self.kc[i] = ks.new_zeros(B, ks.shape[0], self.offset + capacity, ks.shape[2]); self.vc[i] = torch.zeros_like(self.kc[i])
+            if not self.relay: self.kc[i][:, :, :self.offset], self.vc[i][:, :, :self.offset] = ks, self.v_sys[i]
+        return self
+
+    def write(self, i:int, k:Tensor, v:Tensor, # layer; new keys and values (B, H_kv, M, D)
+              start:Tensor|None=None, # (B,) request column of each row's first new token; None: column 0 (prefill)
+             ) -> int: # columns in use
+        "Write M new request tokens per row."
+        kc, vc, off = self.kc[i], self.vc[i], self.offset
+        B, Hkv, M, D = k.shape
+        if start is None: kc[:, :, off:off + M], vc[:, :, off:off + M] = k, v; return off + M
+        idx = (off + start[:, None] + torch.arange(M, device=k.device))[:, None, :, None].expand(B, Hkv, M, D)
+        kc.scatter_(2, idx, k); vc.scatter_(2, idx, v)
+        return off + int(start.max()) + M
+
+    def attend(self, i:int, q:Tensor, n:int, valid:Tensor, # layer; queries (B, H, M, D); columns in use; (B,) request tokens per row
+               scale:float|None=None, causal:bool=False) -> Tensor: # causal: on the request part (prefill)
+        "Attention of `q` over [system; request] keys of layer `i`: relay, or one attention over the stock layout."
+        kc, vc = self.kc[i][:, :, :n], self.vc[i][:, :, :n]
+        if self.relay: return relay_attention(q, self.k_sys[i], self.v_sys[i], kc, vc, scale, req_lens=valid, causal=causal)
+        return attention_lse(q, kc, vc, scale, causal=causal, kv_lens=self.offset + valid)[0]
+
+    def release(self): self.kc, self.vc = {}, {}
+
+# %% ../../nbs/80_llm/01_llm.relay.ipynb #9c067a9c
+class RelayLM:
+    "Greedy batched decoding of a HF Llama-family model with a shared system prompt: an `AttentionPatch` feeding a `RelayCache`."
+    def __init__(self, model, # a HF causal LM with Llama-style attention (q/k/v/o_proj, layer_idx, RoPE)
+                 relay:bool=True, # False: the system KV is copied into every request's cache (stock layout)
+                ):
+        self.model, self.cache = model.eval(), RelayCache(relay)
+        try: self.patch = AttentionPatch(model, self._attend)
+        except ValueError as e: raise ValueError(str(e).replace('AttentionPatch', 'RelayLM')) from None
+        self.mode, self.start, self.valid = None, None, None
+
+    @property
+    def relay(self) -> bool: return self.cache.relay
+    @property
+    def L_sys(self) -> int|None: return self.cache.L_sys
+
+    def _attend(self, i, q, k, v, scale):
+        if self.mode == 'system':                                     # one-off prefill of the shared prompt (B = 1)
+            self.cache.set_system(i, k[0], v[0])
+            return attention_lse(q, k, v, scale, causal=True)[0]
+        n = self.cache.write(i, k, v, self.start)
+        return self.cache.attend(i, q, n, self.valid, scale, causal=q.shape[2] > 1)
+
+    def _hidden(self, ids, pos, mode):
+        self.mode = mode
+        return self.patch.hidden(ids, pos)
 
     @torch.no_grad()
     def set_system(self, sys_ids): # token ids of the shared system prompt (list or 1-D tensor)
         "Prefill the system prompt once (batch 1) and keep its KV for every later batch."
         dev = next(self.model.parameters()).device
         ids = torch.as_tensor(sys_ids, dtype=torch.long, device=dev).view(1, -1)
-        self.L_sys = ids.shape[1]
-        if self.L_sys: self._hidden(ids, torch.arange(self.L_sys, device=dev)[None], 'system')
+        if ids.shape[1]: self._hidden(ids, torch.arange(ids.shape[1], device=dev)[None], 'system')
         else:
-            for a in self.attns:
-                n_kv = a.k_proj.out_features // a.head_dim
-                self.k_sys[a.layer_idx] = self.v_sys[a.layer_idx] = a.k_proj.weight.new_zeros(n_kv, 0, a.head_dim)
+            for a in self.patch.attns:
+                z = a.k_proj.weight.new_zeros(a.k_proj.out_features // a.head_dim, 0, a.head_dim)
+                self.cache.set_system(a.layer_idx, z, z)
         return self
 
-    @torch.no_grad()
-    def generate(self, reqs:list, # token ids of each request (ragged), appended after the system prompt
-                 max_new_tokens:int, # tokens generated per request (no early stop, so lengths stay comparable)
-                 step_times:list|None=None, # if given, the wall time of each decode step (s) is appended
-                ) -> Tensor: # (B, max_new_tokens) generated ids
-        "Greedy decoding of a batch of requests sharing the system prompt set by `set_system`."
-        if self.L_sys is None: raise RuntimeError("RelayLM.generate: call set_system(sys_ids) first")
-        dev = next(self.model.parameters()).device
-        B = len(reqs); lens = torch.tensor([len(r) for r in reqs], device=dev); Lmax = int(lens.max())
-        if int(lens.min()) < 1: raise ValueError("RelayLM.generate: every request needs at least one token")
-        cap = (0 if self.relay else self.L_sys) + Lmax + max_new_tokens
-        for a in self.attns:
-            ks = self.k_sys[a.layer_idx]
-            self.kc[a.layer_idx] = ks.new_zeros(B, ks.shape[0], cap, a.head_dim); self.vc[a.layer_idx] = ks.new_zeros(B, ks.shape[0], cap, a.head_dim)
-            if not self.relay:                                        # stock layout: every request holds a copy
-                self.kc[a.layer_idx][:, :, :self.L_sys] = ks; self.vc[a.layer_idx][:, :, :self.L_sys] = self.v_sys[a.layer_idx]
-        ids = torch.zeros(B, Lmax, dtype=torch.long, device=dev)
-        for b, r in enumerate(reqs): ids[b, :len(r)] = torch.as_tensor(r, device=dev)
-        head, rows = self.model.get_output_embeddings(), torch.arange(B, device=dev)
-        self.start, self.valid = None, lens
-        h = self._hidden(ids, (self.L_sys + torch.arange(Lmax, device=dev))[None].expand(B, -1), 'request')
-        nxt = head(h[rows, lens - 1]).argmax(-1); out, cur = [nxt], lens.clone()
-        for _ in range(max_new_tokens - 1):
-            t0 = time.perf_counter()
-            self.start, self.valid = cur, cur + 1
-            h = self._hidden(nxt[:, None], (self.L_sys + cur)[:, None], 'request')
-            nxt = head(h[:, -1]).argmax(-1); out.append(nxt); cur = cur + 1
-            if step_times is not None:
-                if nxt.is_cuda: torch.cuda.synchronize()
-                step_times.append(time.perf_counter() - t0)
-        self.kc, self.vc = {}, {}
-        return torch.stack(out, 1)
+    def sharing_system(self, relay:bool) -> RelayLM: # the layout of the new engine
+        "A `RelayLM` on the same model holding this one's system KV (no second prefill), in the given layout."
+        other = RelayLM(self.model, relay=relay)
+        other.cache.k_sys, other.cache.v_sys, other.cache.L_sys = self.cache.k_sys, self.cache.v_sys, self.cache.L_sys
+        return other
+
+# %% ../../nbs/80_llm/01_llm.relay.ipynb #105243d2
+@torch.no_grad()
+def _generate(self:RelayLM, reqs:list, # token ids of each request (ragged), appended after the system prompt
+             max_new_tokens:int, # tokens generated per request (no early stop, so lengths stay comparable)
+             step_times:list|None=None, # if given, the wall time of each decode step (s) is appended
+            ) -> Tensor: # (B, max_new_tokens) generated ids
+    "RelayLM.generate: greedy decoding of a batch of requests sharing the system prompt set by `set_system`."
+    if self.L_sys is None: raise RuntimeError("RelayLM.generate: call set_system(sys_ids) first")
+    if max_new_tokens < 1: raise ValueError(f"RelayLM.generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    dev = next(self.model.parameters()).device
+    B = len(reqs); lens = torch.tensor([len(r) for r in reqs], device=dev); Lmax = int(lens.max())
+    if int(lens.min()) < 1: raise ValueError(f"RelayLM.generate: every request needs at least one token, got lengths {lens.tolist()}")
+    self.cache.allocate(B, Lmax + max_new_tokens)
+    ids = torch.zeros(B, Lmax, dtype=torch.long, device=dev)                  # right-padded prompts
+    for b, r in enumerate(reqs): ids[b, :len(r)] = torch.as_tensor(r, device=dev)
+    head, rows = self.model.get_output_embeddings(), torch.arange(B, device=dev)
+    self.start, self.valid = None, lens                                       # prefill of the requests
+    h = self._hidden(ids, (self.L_sys + torch.arange(Lmax, device=dev))[None].expand(B, -1), 'request')
+    nxt = head(h[rows, lens - 1]).argmax(-1); out, cur = [nxt], lens.clone()
+    for _ in range(max_new_tokens - 1):                                       # decode: one token per request per step
+        t0 = time.perf_counter()
+        self.start, self.valid = cur, cur + 1
+        h = self._hidden(nxt[:, None], (self.L_sys + cur)[:, None], 'request')
+        nxt = head(h[:, -1]).argmax(-1); out.append(nxt); cur = cur + 1
+        if step_times is not None:
+            if nxt.is_cuda: torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - t0)
+    self.cache.release()
+    return torch.stack(out, 1)
+
+RelayLM.generate = _generate   # a method, defined in a cell of its own (the module imports with torch only: no fastcore.patch)
 
 # %% ../../nbs/80_llm/01_llm.relay.ipynb #45b096f0
 @torch.no_grad()

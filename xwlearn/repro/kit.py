@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from ..core import mean_se, get_recipe
 from ..recipes import train
+from ..nets import ModelEMA
 from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.losses import CrossEntropyLossFlat
@@ -113,22 +114,24 @@ class TimmMixup(Callback):
         if self.training: x, y = self.mixup(self.xb[0], self.yb[0]); self.learn.xb, self.learn.yb = (x,), (y,)
 
 class EMACallback(Callback):
-    "Keep `learn.model_ema` (timm's `ModelEmaV3`), updated after every optimiser step; validate with it; its weights go into the run's checkpoint."
+    "Keep `learn.model_ema` (`xwlearn.nets.ModelEMA`), updated after every optimiser step; validate with it; its state (weights and update count) goes into the run's checkpoint."
     order = 70
     def __init__(self, decay:float=0.9999, # EMA decay per step
                  validate_ema:bool=True, # report the EMA weights' validation loss and metrics (timm's train.py does)
                 ): self.decay, self.validate_ema, self._pending = decay, validate_ema, None
     def _net(self): return getattr(self.learn.model, 'module', self.learn.model)  # the bare model under DDP
     def before_fit(self):
-        from timm.utils import ModelEmaV3
-        if getattr(self.learn, 'model_ema', None) is None: self.learn.model_ema = ModelEmaV3(self._net(), decay=self.decay)
-        if self._pending is not None: self.learn.model_ema.module.load_state_dict(self._pending); self._pending = None
+        if getattr(self.learn, 'model_ema', None) is None: self.learn.model_ema = ModelEMA(self._net(), decay=self.decay)
+        if self._pending is not None:
+            st, self._pending = self._pending, None
+            if 'n_updates' in st: self.learn.model_ema.load_state_dict(st)   # the whole EMA: weights and update count
+            else: self.learn.model_ema.module.load_state_dict(st)             # checkpoints before 2026-12-05: weights only
     def after_step(self): self.learn.model_ema.update(self._net())
     def before_validate(self):
         if self.validate_ema: self._train_model, self.learn.model = self.learn.model, self.learn.model_ema.module
     def after_validate(self):
         if getattr(self, '_train_model', None) is not None: self.learn.model, self._train_model = self._train_model, None
-    def checkpoint_state(self) -> dict: return dict(decay=self.decay, ema=self.learn.model_ema.module.state_dict())
+    def checkpoint_state(self) -> dict: return dict(decay=self.decay, ema=self.learn.model_ema.state_dict())
     def load_checkpoint_state(self, st:dict):
         if st['decay'] != self.decay: raise ValueError(f"the checkpoint's EMA decay is {st['decay']}, this recipe's {self.decay}")
         self._pending = st['ema']  # loaded in before_fit, once the EMA copy exists
