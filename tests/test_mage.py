@@ -2,6 +2,8 @@
 sequences, the agent loop and the MemoryArena runner on a fixture. No network, no model downloads. The LLM backends
 (`ChatLM`, `OpenAIChat`) are tested in `tests/test_llm_core.py`."""
 import json, copy
+
+import numpy as np
 from dataclasses import asdict
 from pathlib import Path
 
@@ -9,11 +11,12 @@ import pytest
 from hypothesis import settings, strategies as st, HealthCheck
 from hypothesis.stateful import RuleBasedStateMachine, rule, invariant, precondition
 
-from xwlearn.agents.mage import ExecTree, Node, LLM, MageMemory, act_prompt
+from xwlearn.agents.mage import ExecTree, Node, LLM, MageMemory, act_prompt, parse_memory_action
 from xwlearn.llm.core import approx_tokens, ChatLM, OpenAIChat
 from xwlearn.repro.mage import (BundleShop, ScriptedLLM, FullContext, SlidingWindow, Retrieval, HashEmbedder, run_episode,
                                 evaluate, summarize_runs, load_memoryarena, write_memoryarena_fixture, score_answer,
-                                parse_action, read_memory)
+                                parse_action, read_memory, success_model, detection_rates, predicted_success,
+                                claim_checks)
 
 
 class TreeMachine(RuleBasedStateMachine):
@@ -45,6 +48,19 @@ class TreeMachine(RuleBasedStateMachine):
             for i, d in before.items():  # Revise itself writes nothing into any node
                 assert asdict(self.t.nodes[i]) == d
         else: self.t.hints.append("hint only")
+        self._freeze()
+
+    @precondition(lambda self: bool(self.t.active_steps()))
+    @rule(k=st.integers(0, 100))
+    def agent_revise(self, k):
+        "An agent-triggered Revise of step s rewinds to the last boundary before s, and s leaves the active path."
+        s = [self.t.nodes[i].step for i in self.t.active_steps()][k % len(self.t.active_steps())]
+        target = self.t.boundary_before(s)
+        assert target in self.t.boundaries() and (target == 0 or self.t.nodes[target].step < s)
+        later = [b for b in self.t.boundaries() if b and self.t.nodes[b].step < s]
+        assert target == (later[-1] if later else 0)                        # the last one before s, not any
+        self.t.revise(target, hint="agent")
+        assert s not in {self.t.nodes[i].step for i in self.t.active_steps()}
         self._freeze()
 
     @rule(k=st.integers(0, 100))
@@ -130,7 +146,7 @@ def test_mage_tokens_bounded_by_subgoals():
     assert r["success"] and full["success"]
     S = mem.tree.state()
     assert len(S.C) == 16 and len(S.R) <= mem.threshold
-    task = approx_tokens(act_prompt(env.task, ""))
+    task = approx_tokens(act_prompt(env.task, "", mem.tools()))
     per_summary = max(approx_tokens(c) + 6 for *_, c in S.C)
     per_step = max(approx_tokens(n.content) + 4 for n in mem.tree.nodes.values() if n.kind == "step")
     assert max(r["tokens"]) <= task + 4 + len(S.C) * per_summary + mem.threshold * per_step
@@ -140,7 +156,9 @@ def test_mage_tokens_bounded_by_subgoals():
 def test_maintain_revise_recovers_and_ablations_differ():
     s = summarize_runs(evaluate(12, arms=["full context", "MAGE", "MAGE −Maintain", "MAGE −Revise"], p_err=0.15))
     assert s["MAGE"]["success"] > s["full context"]["success"]
-    assert s["MAGE"]["revisions"] > 0 and s["MAGE −Maintain"]["revisions"] == 0 == s["MAGE −Revise"]["revisions"]
+    assert s["MAGE"]["revisions"] > 0 and s["MAGE −Revise"]["revisions"] == 0 == s["MAGE −Revise"]["agent_revisions"]
+    # without Maintain only the agent's own check revises
+    assert s["MAGE −Maintain"]["revisions"] == s["MAGE −Maintain"]["agent_revisions"] > 0
     assert s["MAGE"]["ctx_tokens"] < 0.7 * s["full context"]["ctx_tokens"]
 
 
@@ -257,3 +275,104 @@ def test_endpoint_run_is_journaled_and_resumes(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="truncated"): assert run(tmp_path/"mid") == ref
     assert _FlakyEndpoint.calls == total - 15 and (tmp_path/"mid"/"episodes.jsonl").read_text().splitlines() == ref_lines
     assert run(tmp_path/"mid") == ref and _FlakyEndpoint.calls == 0      # all done: nothing is asked again
+
+
+def test_forced_compress_fires_and_keeps_the_facts():
+    "threshold=4 < a category's 6 steps: one forced Compress per category, mid-category, and the task is still solved."
+    env = BundleShop(n_slots=5, n_cand=4, seed=7)
+    mem = MageMemory(threshold=4)
+    r = run_episode(env, mem, ScriptedLLM(p_err=0.0))
+    assert r["success"] and r["steps"] == env.optimal_steps and (r["forced"], r["marked"]) == (5, 5)
+    subs = [mem.tree.nodes[s] for s in mem.tree.active_subgoals()]
+    for k, cat in enumerate(env.slots):                           # forced summary k, then the agent's purchase summary
+        f = read_memory(subs[2 * k].content)
+        assert f.results[cat] == [p.id for p in env.candidates(cat)]
+        assert list(f.items.values()) == env.candidates(cat)[:3] and not f.bought
+        assert read_memory(subs[2 * k + 1].content).bought == {cat: [env.target[cat]]}
+    assert run_episode(env, m8 := MageMemory(), ScriptedLLM(p_err=0.0))["forced"] == 0 and m8.n_marked == 5
+
+
+def test_forced_compress_mid_category_is_validated_with_the_summarised_facts():
+    "The validator sees the candidates of a forced summary: it catches wrong purchases and passes right ones."
+    s = summarize_runs(evaluate(8, arms=["MAGE forced@4"], p_err=0.0))["MAGE forced@4"]
+    assert s["success"] == 1.0 and s["revisions"] == 0                 # no false alarms from the split category
+    s = summarize_runs(evaluate(8, arms=["MAGE forced@4"], p_err=0.25, p_detect=1.0))["MAGE forced@4"]
+    assert s["revisions"] > 0 and s["forced"] > 7 and s["success"] >= 0.75, s
+
+
+def test_agent_written_summaries_are_stored_verbatim():
+    env, mem = BundleShop(n_slots=4, seed=2), MageMemory()
+    calls = []
+    pol = ScriptedLLM(p_err=0.0)
+    aux = lambda p: (calls.append(p.split("\n", 1)[0]), pol(p))[1]
+    r = run_episode(env, mem, pol, aux=aux)
+    assert r["success"] and mem.n_agent_summaries == mem.n_marked == 4 and r["turns"] == r["steps"]  # done rides along
+    assert "### SUMMARIZE" not in calls and calls.count("### VALIDATE") == 4   # the aux LLM only validates
+    for s, cat in zip(mem.tree.active_subgoals(), env.slots):
+        assert mem.tree.nodes[s].content.startswith(f"Bought {env.products[env.target[cat]].text()}")
+    base = MageMemory(agent_ops=False); run_episode(env, base, ScriptedLLM(p_err=0.0))
+    assert base.n_agent_summaries == 0 and base.tools() == "" and [base.tree.nodes[s].content for s in base.tree.active_subgoals()] == \
+        [mem.tree.nodes[s].content for s in mem.tree.active_subgoals()]   # same deterministic summariser either way
+
+
+def test_lossy_summaries_are_caught_by_maintain():
+    "Loss model: p_lossy=1 drops every purchase's attributes; a validator with p_detect=1 fails each such summary."
+    env = BundleShop(n_slots=4, seed=2)
+    blind = MageMemory(); run_episode(env, blind, ScriptedLLM(p_err=0.0, p_lossy=1.0, p_detect=0.0))
+    assert all(read_memory(blind.tree.nodes[s].content).items == {} for s in blind.tree.active_subgoals())
+    seeing = MageMemory(); run_episode(env, seeing, ScriptedLLM(p_err=0.0, p_lossy=1.0, p_detect=1.0))
+    assert seeing.revisions > 0 and any("drops the attributes" in h for h in seeing.tree.hints)
+    with pytest.raises(ValueError, match="p_lossy"): ScriptedLLM(p_lossy=1.5)
+
+
+def test_agent_triggered_revise():
+    "With a blind validator the agent itself rewinds purchases that visibly break their constraint."
+    s = summarize_runs(evaluate(10, arms=["MAGE", "MAGE no agent ops"], p_err=0.3, p_detect=0.0))
+    assert s["MAGE"]["agent_revisions"] == s["MAGE"]["revisions"] > 0 and s["MAGE no agent ops"]["revisions"] == 0
+    assert s["MAGE"]["success"] > s["MAGE no agent ops"]["success"]
+    mem = MageMemory(); mem.reset("t", lambda p: "OK")
+    mem.record("search a", "x"); mem.record("buy b", "y"); mem.subgoal_done("bought b")
+    mem.record("search c", "z")
+    assert not mem.request_revise(9, "no such step") and not mem.request_revise(None) and mem.n_unparsed == 2
+    assert mem.request_revise(1, "b was wrong") and mem.tree.cur == 0 and mem.tree.hints == ["b was wrong"]
+    assert mem.tree.nodes[3].note == "b was wrong" and mem.n_agent_revisions == 1
+    off = MageMemory(revise=False); off.reset("t", lambda p: "OK"); off.record("a", "x")
+    assert not off.request_revise(0) and "revise" not in off.tools()
+    assert parse_memory_action("done | s\nsearch x") == ("done", None, "s") and parse_memory_action("Revise 3: w") == ("revise", 3, "w")
+
+
+def test_success_model_closed_forms_and_monte_carlo():
+    p, n = 0.08, 8
+    assert success_model(p, [0.0] * n, 2) == pytest.approx((1 - p) ** n, abs=1e-12)
+    assert success_model(p, [0.9] * n, 500) == pytest.approx(((1 - p) / (1 - p * 0.9)) ** n, abs=1e-9)
+    from math import comb
+    assert success_model(p, [0.9] * n, 2) == pytest.approx((1 - p) ** n * sum(comb(n - 1 + r, r) * (p * 0.9) ** r for r in range(3)))
+    D = detection_rates(BundleShop(8, seed=1), 0.5)
+    assert D[0] == 0.5 and all(0.5 <= d <= 1 for d in D) and detection_rates(BundleShop(8, seed=1), 0.5, agent=False) == [0.5] * 8
+    rng = np.random.default_rng(1)
+    def chain():
+        r = 0
+        for d in D:
+            while rng.random() < 0.25:
+                if rng.random() >= d: return False
+                r += 1
+        return r <= 3
+    mc = np.mean([chain() for _ in range(20000)])
+    assert abs(mc - success_model(0.25, D, 3)) < 4 * np.sqrt(mc * (1 - mc) / 20000)
+    with pytest.raises(ValueError, match="p_err"): success_model(1.5, D, 1)
+
+
+def test_model_matches_measured_full_context_and_mage():
+    "Measured success is within 3 SE of the analytic model for the arms it covers (p_err 0.2, 30 tasks)."
+    runs = evaluate(30, arms=["full context", "MAGE no agent ops", "MAGE −Maintain"], p_err=0.2)
+    pred = predicted_success(30, p_err=0.2)
+    for arm, rs in runs.items():
+        x = np.array([r["success"] for r in rs], float)
+        assert abs(x.mean() - pred[arm]) < 3 * max(x.std(ddof=1), 0.1) / np.sqrt(len(x)), (arm, x.mean(), pred[arm])
+
+
+def test_claims_split_into_tokens_and_success():
+    runs = evaluate(3)
+    ck = claim_checks(runs)
+    assert len(ck["tokens"]) == 3 and len(ck["success"]) == 6
+    assert all("tokens/episode" in c.name for c in ck["tokens"]) and all("success" in c.name for c in ck["success"])

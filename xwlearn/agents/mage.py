@@ -14,7 +14,7 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['Node', 'ExecTree', 'AgentState', 'LLM', 'act_prompt', 'summarize_prompt', 'validate_prompt', 'Memory', 'json_object',
-           'parse_verdict', 'MageMemory']
+           'parse_verdict', 'parse_memory_action', 'MageMemory']
 
 # %% ../../nbs/80_llm/10_agents.mage.ipynb #d84a0504
 from ..llm.core import approx_tokens
@@ -72,34 +72,48 @@ class ExecTree:
         "Legal revision targets: 0 (the start) and the last step of every active subgoal."
         return [0] + [self.nodes[s].cover[-1] for s in self.active_subgoals()]
 
-    # -- the four operations --------------------------------------------------------------------------------------
-    def grow(self, action:str, observation:str) -> int:
-        "Grow: append an action–observation node to the active path; return its id."
-        self.cur = self._add("step", f"{action} -> {observation}", self.cur, step=self.n_steps)
-        self.n_steps += 1
-        return self.cur
 
-    def compress(self, summary:str) -> int:
-        "Compress: cover R with one subgoal node holding `summary`; return its id."
-        R = self.raw()
-        if not R: raise ValueError("compress: R is empty (nothing since the last compression)")
-        self.top = self._add("subgoal", summary, self.top, cover=list(R))
-        return self.top
+# %% ../../nbs/80_llm/10_agents.mage.ipynb #916b0cce
+@patch
+def grow(self:ExecTree, action:str, observation:str) -> int:
+    "Grow: append an action–observation node to the active path; return its id."
+    self.cur = self._add("step", f"{action} -> {observation}", self.cur, step=self.n_steps)
+    self.n_steps += 1
+    return self.cur
 
-    def annotate(self, subgoal:int, note:str):
-        "Maintain's failure output: write the diagnosis `note` on an active subgoal."
-        if subgoal not in self.active_subgoals(): raise ValueError(f"annotate: {subgoal} is not an active subgoal")
-        self.nodes[subgoal].note = note
+@patch
+def compress(self:ExecTree, summary:str) -> int:
+    "Compress: cover R with one subgoal node holding `summary`; return its id."
+    R = self.raw()
+    if not R: raise ValueError("compress: R is empty (nothing since the last compression)")
+    self.top = self._add("subgoal", summary, self.top, cover=list(R))
+    return self.top
 
-    def revise(self, target:int, hint:str="") -> int:
-        "Revise: rewind C and R to the boundary `target`; later steps go on a new sibling branch. Returns the branch id."
-        b = self.boundaries()
-        if target not in b: raise ValueError(f"revise: {target} is not a boundary of the active path {b}")
-        self.top = 0 if target == 0 else next(s for s in self.active_subgoals() if self.nodes[s].cover[-1] == target)
-        self.cur = target
-        if hint: self.hints.append(hint)
-        self.branch += 1
-        return self.branch
+# %% ../../nbs/80_llm/10_agents.mage.ipynb #dfee5197
+@patch
+def annotate(self:ExecTree, subgoal:int, note:str):
+    "Maintain's failure output: write the diagnosis `note` on an active subgoal."
+    if subgoal not in self.active_subgoals(): raise ValueError(f"annotate: {subgoal} is not an active subgoal")
+    self.nodes[subgoal].note = note
+
+@patch
+def revise(self:ExecTree, target:int, hint:str="") -> int:
+    "Revise: rewind C and R to the boundary `target`; later steps go on a new sibling branch. Returns the branch id."
+    b = self.boundaries()
+    if target not in b: raise ValueError(f"revise: {target} is not a boundary of the active path {b}")
+    self.top = 0 if target == 0 else next(s for s in self.active_subgoals() if self.nodes[s].cover[-1] == target)
+    self.cur = target
+    if hint: self.hints.append(hint)
+    self.branch += 1
+    return self.branch
+
+@patch
+def boundary_before(self:ExecTree, step:int, # a global step index on the active path
+                   ) -> int:
+    "The last boundary (node id) before the active step with index `step`: where to rewind when that step was wrong."
+    on_path = {self.nodes[i].step for i in self.active_steps()}
+    if step not in on_path: raise ValueError(f"boundary_before: step {step} is not on the active path {sorted(on_path)}")
+    return [b for b in self.boundaries() if b == 0 or self.nodes[b].step < step][-1]
 
 # %% ../../nbs/80_llm/10_agents.mage.ipynb #1d42c338
 @dataclass
@@ -188,8 +202,10 @@ class LLM(Protocol):
     "Anything that maps a prompt to a completion."
     def __call__(self, prompt:str) -> str: ...
 
-def act_prompt(task:str, memory:str) -> str:
-    return f"### ACT\nTASK: {task}\n### MEMORY\n{memory}\n### NEXT\nReply with exactly one action."
+def act_prompt(task:str, memory:str, tools:str="") -> str:
+    "The acting prompt; `tools`: memory actions the memory offers the agent (MAGE's `done` / `revise`), if any."
+    return (f"### ACT\nTASK: {task}\n### MEMORY\n{memory}\n" + (f"### TOOLS\n{tools}\n" if tools else "")
+            + "### NEXT\nReply with exactly one action.")
 
 def summarize_prompt(task:str, steps:list) -> str:
     return f"### SUMMARIZE\nTASK: {task}\n### STEPS\n" + "\n".join(steps) + "\n### END\nSummarize the finished subgoal in one line, keeping every fact later steps need."
@@ -206,7 +222,8 @@ class Memory:
     def reset(self, task:str, aux:LLM, count:Callable=approx_tokens):
         self.task, self.aux, self.count, self.steps, self.aux_tokens, self.revisions = task, aux, count, [], 0, 0
     def record(self, action:str, obs:str): self.steps.append(f"{action} -> {obs}")
-    def subgoal_done(self): pass
+    def subgoal_done(self, summary:str|None=None): pass
+    def tools(self) -> str: return ""   # memory actions offered to the agent: none
     def lines(self, idx): return [f"[{i}] {self.steps[i]}" for i in idx]
     def render(self) -> str: raise NotImplementedError
 
@@ -233,17 +250,30 @@ def parse_verdict(reply:str) -> tuple:
     if m[1].upper() == "OK": return "ok", None, ""
     return "fail", int(m[2]) if m[2] else None, m[3].strip()
 
+_MEM_ACTION = re.compile(r"(done|revise)\b[\s*`'\"]*(\d+)?[\s*`'\"]*(?:[|:\-–—]\s*)?(.*)", re.I)
+
+def parse_memory_action(reply:str) -> tuple|None:
+    "('done', None, summary) or ('revise', step or None, diagnosis) when the reply's first line starts with a memory action, else None."
+    m = _MEM_ACTION.match(reply.strip().split("\n", 1)[0].strip().lstrip("*`'\" "))
+    if not m: return None
+    if m[1].lower() == "done": return "done", None, ((m[2] or "") + " " + m[3]).strip()
+    return "revise", int(m[2]) if m[2] else None, m[3].strip()
+
 # %% ../../nbs/80_llm/10_agents.mage.ipynb #d0b0783c
 class MageMemory(Memory):
     "MAGE: the execution-state tree with Grow, Compress, Maintain and Revise (each can be switched off)."
-    def __init__(self, threshold:int=8, # forced Compress when R reaches this many steps
-                 compress:bool=True, maintain:bool=True, revise:bool=True):
-        self.threshold, self.compress, self.maintain, self.revise = threshold, compress, maintain, revise
+    def __init__(self, threshold:int=8, # forced Compress when R reaches this many steps (0: never)
+                 compress:bool=True, maintain:bool=True, revise:bool=True,
+                 agent_ops:bool=True, # offer the agent `done | <summary>` and `revise <step> | <diagnosis>`
+                ):
+        if not isinstance(threshold, int) or threshold < 0: raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
+        self.threshold, self.compress, self.maintain, self.revise, self.agent_ops = threshold, compress, maintain, revise, agent_ops
         off = [n for n, on in (("Compress", compress), ("Maintain", maintain), ("Revise", revise)) if not on]
         self.name = "MAGE" + "".join(f" −{o}" for o in off)
 
     def reset(self, task, aux, count=approx_tokens):
         super().reset(task, aux, count); self.tree, self.n_fail, self.n_unparsed = ExecTree(task), 0, 0
+        self.n_forced = self.n_marked = self.n_agent_summaries = self.n_agent_revisions = 0
 
     def _aux(self, prompt):
         out = self.aux(prompt); self.aux_tokens += self.count(prompt) + self.count(out)
@@ -252,25 +282,56 @@ class MageMemory(Memory):
     def record(self, action, obs):
         self.steps.append(f"{action} -> {obs}")
         self.tree.grow(action, obs)                                                   # Grow
-        if self.compress and self.threshold and len(self.tree.raw()) >= self.threshold: self._close()  # forced
+        if self.compress and self.threshold and len(self.tree.raw()) >= self.threshold:
+            self.n_forced += 1; self._close()                                         # forced Compress
 
-    def subgoal_done(self):
-        if self.tree.raw(): self._close()                                             # agent-marked
-
-    def _close(self):
-        t = self.tree
-        start = t.nodes[t.top].cover[-1] if t.top else 0                               # the boundary before R
-        before, steps = self.render(), [f"[{t.nodes[i].step}] {t.nodes[i].content}" for i in t.raw()]
-        summary = self._aux(summarize_prompt(self.task, steps)).strip().split("\n")[0][:400] if self.compress else "(not compressed)"
-        sid = t.compress(summary or "(empty summary)")                                 # Compress
-        if not self.maintain: return
-        verdict, target, note = parse_verdict(self._aux(validate_prompt(self.task, before, steps, summary, start)))
-        self.n_unparsed += verdict == "unparsed"
-        if verdict != "fail": return                                                   # Maintain: OK (or unreadable, counted)
-        self.n_fail += 1
-        note = note or "(the validator gave no diagnosis)"
-        t.annotate(sid, note)
-        if self.revise and target in t.boundaries(): t.revise(target, hint=note); self.revisions += 1  # Revise
-        else: t.hints.append(note)
+    def subgoal_done(self, summary:str|None=None, # the agent's summary; None or empty: the auxiliary LLM writes one
+                    ):
+        "Agent-marked Compress of R."
+        if not self.tree.raw(): return
+        self.n_marked += 1; self.n_agent_summaries += bool(summary)
+        self._close(summary or None)
 
     def render(self): return self.tree.render(expand=not self.compress)
+
+# %% ../../nbs/80_llm/10_agents.mage.ipynb #099ad249
+@patch
+def _close(self:MageMemory, summary:str|None=None):
+    t = self.tree
+    start = t.nodes[t.top].cover[-1] if t.top else 0                               # the boundary before R
+    before, steps = self.render(), [f"[{t.nodes[i].step}] {t.nodes[i].content}" for i in t.raw()]
+    if not self.compress: summary = "(not compressed)"
+    elif summary is None: summary = self._aux(summarize_prompt(self.task, steps))
+    summary = summary.strip().split("\n")[0][:400]
+    sid = t.compress(summary or "(empty summary)")                                 # Compress
+    if not self.maintain: return
+    verdict, target, note = parse_verdict(self._aux(validate_prompt(self.task, before, steps, summary, start)))
+    self.n_unparsed += verdict == "unparsed"
+    if verdict != "fail": return                                                   # Maintain: OK (or unreadable, counted)
+    self.n_fail += 1
+    note = note or "(the validator gave no diagnosis)"
+    t.annotate(sid, note)
+    if self.revise and target in t.boundaries(): t.revise(target, hint=note); self.revisions += 1  # Revise
+    else: t.hints.append(note)
+
+# %% ../../nbs/80_llm/10_agents.mage.ipynb #9aff7220
+@patch
+def tools(self:MageMemory) -> str:
+    if not self.agent_ops: return ""
+    out = ["done | <summary>   (finishes the subgoal; next action on the next line)"]
+    if self.revise: out.append("revise <step> | <why>   (rewinds to before that step)")
+    return "\n".join(out)
+
+@patch
+def request_revise(self:MageMemory, step:int|None, # the global index of the step the agent found wrong
+                   note:str="", # the agent's diagnosis (becomes a hint)
+                  ) -> bool:
+    "Agent-triggered Revise: rewind to the last boundary before `step`; False (and counted) if that is not possible."
+    t = self.tree
+    if not (self.revise and self.agent_ops) or step is None or step not in {t.nodes[i].step for i in t.active_steps()}:
+        self.n_unparsed += 1; return False
+    target = t.boundary_before(step)
+    hit = [s for s in t.active_subgoals() if any(t.nodes[i].step == step for i in t.nodes[s].cover)]
+    if hit: t.annotate(hit[0], note or "(flagged by the agent)")
+    t.revise(target, hint=note); self.revisions += 1; self.n_agent_revisions += 1
+    return True
