@@ -8,7 +8,7 @@ Docs: https://xwlearn.github.io/xwlearn/00_core/nets.html.md"""
 from __future__ import annotations
 from typing import Callable
 import torch
-from torch import nn
+from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['norm_layer', 'mnist1d_mlp', 'mnist1d_cnn', 'ShortcutA', 'BasicBlock', 'CifarResNet', 'cifar_resnet', 'resnet20',

@@ -1,4 +1,4 @@
-"""The detection part of the vision substrate, which any paper may import: COCO-format procedural shapes, a COCO-json loader that resizes boxes with the image, a fastai `Learner` for torchvision detectors, and COCO AP with pycocotools.
+"""The fastai side of the vision substrate: COCO-format procedural shapes (with masks), a validated COCO-json loader whose targets keep what evaluation needs (original size, category-id map, masks), `DataLoaders` with `show_batch`, a `Learner` for torchvision detectors with per-term loss columns, COCO metrics and `show_results`, and a tiny detector with the baseline it must beat.
 
 Docs: https://xwlearn.github.io/xwlearn/45_vision/vision.detection.html.md"""
 
@@ -14,50 +14,57 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['COCO_SPLITS', 'COCO_STATS', 'make_shapes_detection', 'write_coco_shapes', 'check_coco_layout', 'validate_coco',
-           'coco_report_str', 'CocoBoxes', 'coco_dataset', 'detection_collate', 'coco_dls', 'targets_to_coco',
-           'coco_evaluate', 'DetectionModel', 'detection_loss', 'DetectionCallback', 'CocoAP', 'detection_learner']
+__all__ = ['COCO_SPLITS', 'LOSS_TERMS', 'make_shapes_detection', 'mask_to_rle', 'write_coco_shapes', 'check_coco_layout',
+           'validate_coco', 'coco_report_str', 'CocoBoxes', 'coco_dataset', 'show_detections', 'DetectionDataLoaders',
+           'detection_collate', 'coco_dls', 'DetectionModel', 'detection_loss', 'DetectionCallback',
+           'LossTermsCallback', 'CocoMetric', 'coco_metrics', 'DetectionLearner', 'detection_learner', 'tiny_fcos',
+           'centred_box_baseline']
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #1509205b
+from fastcore.basics import patch
 from ..core import require
 from ..data import DatasetLayoutError, SeededDL, SHAPE_CLASSES, shape_mask
+from .evaluation import CocoEvaluator, COCO_STATS
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #23304f10
 from fastai.data.core import DataLoaders
-from fastai.learner import Learner
+from fastai.learner import Learner, Recorder
 from fastai.metrics import Metric
 from fastai.callback.core import Callback
 from fastai.optimizer import SGD
 from fastai.callback.progress import ProgressCallback  # Learner.no_bar and the progress bars
+from fastcore.foundation import L
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #90a6baf6
 def make_shapes_detection(n:int, # number of images
-                          size:int=64, # square image side (pixels)
+                          size:int|tuple=64, # image side (pixels), or `(height, width)`
                           seed:int=0, # everything is a function of the seed
                           classes=SHAPE_CLASSES, # category names; category id = position + 1
                           max_objects:int=4, # 1..max_objects shapes per image
-                          scale=(0.08, 0.2), # shape radius as a fraction of `size`
+                          scale=(0.08, 0.2), # shape radius as a fraction of the shorter side
                           noise:float=0.04, # std of Gaussian pixel noise (pixels in [0,1])
+                          return_masks:bool=False, # add each object's boolean `(H, W)` mask as a 4th element
                          ):
-    "Images `(n,size,size,3)` uint8 and, per image, a list of `(category_id, [x,y,w,h], area)` with tight boxes."
+    "Images `(n,H,W,3)` uint8 and, per image, a list of `(category_id, [x,y,w,h], area)` with tight boxes (`+ (mask,)` with `return_masks`)."
+    H, W = (size, size) if isinstance(size, int) else map(int, size)
     rng = np.random.default_rng(seed)
-    grid = np.arange(size, dtype=np.float32) + 0.5
-    images, anns = np.empty((n, size, size, 3), np.uint8), []
+    gy, gx = np.arange(H, dtype=np.float32) + 0.5, np.arange(W, dtype=np.float32) + 0.5
+    images, anns = np.empty((n, H, W, 3), np.uint8), []
     for i in range(n):
-        bg = rng.uniform(0, 1, 3); im = np.broadcast_to(bg, (size, size, 3)).copy(); objs, placed = [], []
+        bg = rng.uniform(0, 1, 3); im = np.broadcast_to(bg, (H, W, 3)).copy(); objs, placed = [], []
         for _ in range(int(rng.integers(1, max_objects + 1))):
             for _try in range(20):                                   # rejection sampling: boxes must not overlap
-                r = rng.uniform(*scale) * size; cy, cx = rng.uniform(r + 1, size - r - 1, 2)
+                r = rng.uniform(*scale) * min(H, W); cy, cx = rng.uniform([r + 1, r + 1], [H - r - 1, W - r - 1])
                 if all(abs(cx - px) > r + pr + 1 or abs(cy - py) > r + pr + 1 for px, py, pr in placed): break
             else: continue
             k = int(rng.integers(len(classes))); th = rng.uniform(0, 2 * np.pi)
-            dy, dx = grid[:, None] - cy, grid[None, :] - cx
+            dy, dx = gy[:, None] - cy, gx[None, :] - cx
             m = shape_mask(classes[k], np.cos(th) * dx + np.sin(th) * dy, -np.sin(th) * dx + np.cos(th) * dy, r)
             if m.sum() < 4: continue
             im[m] = (bg + rng.uniform(0.3, 0.7, 3)) % 1.0            # colour at least 0.3 from the background
             ys, xs = np.nonzero(m)
-            objs.append((k + 1, [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)], int(m.sum())))
-            placed.append((cx, cy, r))
+            o = (k + 1, [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)], int(m.sum()))
+            objs.append(o + (m,) if return_masks else o); placed.append((cx, cy, r))
         images[i] = np.clip(np.rint((im + rng.normal(0, noise, im.shape)) * 255), 0, 255).astype(np.uint8)
         anns.append(objs)
     return images, anns
@@ -65,26 +72,43 @@ def make_shapes_detection(n:int, # number of images
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #0535c220
 COCO_SPLITS = ('train2017', 'val2017')
 
+def mask_to_rle(mask) -> dict:
+    "COCO's *uncompressed* RLE of a boolean `(H, W)` mask: run lengths in column-major order, starting with a run of 0s."
+    m = np.asarray(mask, bool); f = m.ravel(order='F')
+    cuts = np.flatnonzero(f[1:] != f[:-1]) + 1
+    counts = np.diff(np.concatenate([[0], cuts, [f.size]])).tolist()
+    return dict(size=[int(m.shape[0]), int(m.shape[1])], counts=([0] if f.size and f[0] else []) + counts)
+
 def write_coco_shapes(path, # dataset root to create
                       n_train:int=32, n_val:int=16, # images per split
-                      size:int=64, seed:int=0,
+                      size:int|tuple=64, # image side, `(height, width)`, or a list of them cycled over the images
+                      seed:int=0,
                       splits=COCO_SPLITS, # split folder names (annotation files are `instances_<split>.json`)
+                      category_ids=None, # COCO id of each class (default 1, 2, ...); COCO's own are not contiguous
                       **kwargs, # passed to `make_shapes_detection`
                      ) -> Path:
-    "Write a procedural shapes detection set in the COCO 2017 layout (PNG images + instances json); returns `path`."
+    "Write a procedural shapes detection set in the COCO 2017 layout (PNG images + instances json with RLE masks); returns `path`."
     from PIL import Image
     path = Path(path); (path/'annotations').mkdir(parents=True, exist_ok=True)
     classes = kwargs.get('classes', SHAPE_CLASSES)
-    cats = [dict(id=i + 1, name=c, supercategory='shape') for i, c in enumerate(classes)]
+    cids = list(range(1, len(classes) + 1)) if category_ids is None else [int(c) for c in category_ids]
+    if len(cids) != len(classes) or len(set(cids)) != len(cids) or min(cids) < 1:
+        raise ValueError(f"category_ids must be {len(classes)} distinct positive ids (one per class), got {category_ids!r}")
+    cats = [dict(id=c, name=n, supercategory='shape') for c, n in zip(cids, classes)]
+    sizes = size if isinstance(size, list) else [size]
     img_id = ann_id = 1
     for s, (split, n) in enumerate(zip(splits, (n_train, n_val))):
-        ims, objs = make_shapes_detection(n, size=size, seed=seed * 1000 + s, **kwargs)
+        if len(sizes) == 1: ims, objs = make_shapes_detection(n, size=sizes[0], seed=seed * 1000 + s, return_masks=True, **kwargs)
+        else:  # one image per size, in turn: mixed sizes and aspect ratios in one split
+            made = [make_shapes_detection(1, size=sizes[j % len(sizes)], seed=(seed * 1000 + s) * 100003 + j, return_masks=True, **kwargs) for j in range(n)]
+            ims, objs = [m[0][0] for m in made], [m[1][0] for m in made]
         (path/split).mkdir(exist_ok=True); images, annotations = [], []
         for im, obj in zip(ims, objs):
             fn = f'{img_id:012d}.png'; Image.fromarray(im).save(path/split/fn)
-            images.append(dict(id=img_id, file_name=fn, width=size, height=size))
-            for c, box, area in obj:
-                annotations.append(dict(id=ann_id, image_id=img_id, category_id=c, bbox=box, area=area, iscrowd=0)); ann_id += 1
+            images.append(dict(id=img_id, file_name=fn, width=im.shape[1], height=im.shape[0]))
+            for c, box, area, m in obj:
+                annotations.append(dict(id=ann_id, image_id=img_id, category_id=cids[c - 1], bbox=box, area=area, iscrowd=0,
+                                        segmentation=mask_to_rle(m))); ann_id += 1
             img_id += 1
         js = dict(info=dict(description='xwlearn procedural shapes', version='1.0'), licenses=[],
                   images=images, annotations=annotations, categories=cats)
@@ -140,7 +164,7 @@ def validate_coco(js:dict, # a COCO instances dict: 'images', 'annotations', 'ca
                   source='the COCO json', # how messages and the report name it (the json's path)
                   warn:bool=True, # warn when boxes were clipped or annotations dropped
                  ) -> dict:
-    "Check a COCO instances dict once; return its usable boxes as arrays grouped by image (sorted by id) and a `report` of what was clipped or dropped, and why."
+    "Check a COCO instances dict once; return its usable boxes as arrays grouped by image (sorted by id), their positions in `annotations` (`index`), and a `report` of what was clipped or dropped, and why."
     if not isinstance(js, dict): raise DatasetLayoutError(f"{source}: expected a json object with 'images', 'annotations' and 'categories', got a {type(js).__name__}")
     for k in ('images', 'annotations', 'categories'):
         if not isinstance(js.get(k), list):
@@ -150,13 +174,13 @@ def validate_coco(js:dict, # a COCO instances dict: 'images', 'annotations', 'ca
     if len(cats) != len(js['categories']): raise DatasetLayoutError(f"{source}: every entry of 'categories' needs an integer 'id'")
     images = _check_images(js, source); ids = sorted(images); pos = {iid: k for k, iid in enumerate(ids)}
     drop, rows = dict.fromkeys(_DROP_REASONS, 0), []
-    for a in js['annotations']:
+    for j, a in enumerate(js['annotations']):
         a = a if isinstance(a, dict) else {}
         iid, cid, b = a.get('image_id'), a.get('category_id'), a.get('bbox')
         if not (_is_int(iid) and iid in images): drop['unknown_image_id'] += 1
         elif not (_is_int(cid) and cid in cats): drop['unknown_category_id'] += 1
         elif not (isinstance(b, (list, tuple)) and len(b) == 4 and all(map(_is_num, b))): drop['bad_bbox'] += 1  # missing, NaN, inf
-        else: rows.append((pos[iid], *b, *images[iid][1:], cid, bool(a.get('iscrowd', 0))))
+        else: rows.append((pos[iid], *b, *images[iid][1:], cid, bool(a.get('iscrowd', 0)), j))
     r = np.array([x[:7] for x in rows], np.float64).reshape(-1, 7)           # image index, x, y, w, h, image width, height
     x0, y0, w, h, W, H = r[:, 1], r[:, 2], r[:, 3], r[:, 4], r[:, 5], r[:, 6]
     xyxy = np.stack([x0, y0, x0 + w, y0 + h], 1)
@@ -168,6 +192,7 @@ def validate_coco(js:dict, # a COCO instances dict: 'images', 'annotations', 'ca
     img = r[keep, 0].astype(np.int64); order = np.argsort(img, kind='stable')
     labels = np.array([x[7] for x in rows], np.int64).reshape(-1)[keep][order]
     crowd = np.array([x[8] for x in rows], bool).reshape(-1)[keep][order]
+    index = np.array([x[9] for x in rows], np.int64).reshape(-1)[keep][order]   # position in js['annotations']
     img, boxes = img[order], boxes[keep][order]
     n_obj = np.bincount(img[~crowd], minlength=len(ids))
     report = dict(source=str(source), images=len(ids), annotations=len(js['annotations']), kept=int(keep.sum()),
@@ -178,7 +203,7 @@ def validate_coco(js:dict, # a COCO instances dict: 'images', 'annotations', 'ca
     if warn and (clipped or sum(drop.values())): warnings.warn(f"{source}: {coco_report_str(report)}", stacklevel=2)
     return dict(ids=np.array(ids, np.int64), files=[images[i][0] for i in ids], sizes=[images[i][1:] for i in ids],
                 offsets=np.concatenate([[0], np.cumsum(np.bincount(img, minlength=len(ids)))]),
-                boxes=boxes, labels=labels, crowd=crowd, cats=cats, report=report)
+                boxes=boxes, labels=labels, crowd=crowd, index=index, cats=cats, report=report)
 
 def _dropped(drop): return ', '.join(f"{n} {k}" for k, n in drop.items() if n) or 'none'
 
@@ -189,52 +214,81 @@ def coco_report_str(report:dict) -> str:
             f"boxes to their image; dropped {sum(report['dropped'].values())}: {_dropped(report['dropped'])}")
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #9b9f2fc1
+def _segm_to_mask(segm, h:int, w:int) -> np.ndarray:
+    "A COCO segmentation (polygons, uncompressed or compressed RLE) as a uint8 `(h, w)` mask, with pycocotools."
+    mask_utils = require("pycocotools.mask", extra="detection")
+    if isinstance(segm, list): rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))      # polygons
+    elif isinstance(segm, dict) and isinstance(segm.get('counts'), list): rle = mask_utils.frPyObjects(segm, h, w)
+    elif isinstance(segm, dict): rle = segm
+    else: raise DatasetLayoutError(f"segmentation must be polygons or an RLE dict, got {type(segm).__name__}")
+    return mask_utils.decode(rle)
+
 class CocoBoxes(torch.utils.data.Dataset):
-    "A COCO instances split, validated once at load (`report`); items `(image, {'boxes' XYXY, 'labels', 'image_id', 'crowd_boxes', 'crowd_labels'})`."
+    "A COCO instances split, validated once at load (`report`); items `(image, target)` with contiguous labels `1..K` (see `label_to_cat`)."
     def __init__(self, img_dir, # the split's image folder
                  ann_file, # its instances json
                  tfms=None, # a `transforms.v2` callable on `(PIL image, target)`
+                 masks:bool=False, # decode each object's `segmentation` into `target['masks']` (N,H,W) uint8
                 ):
-        self.img_dir, self.ann_file, self.tfms = Path(img_dir), Path(ann_file), tfms
+        self.img_dir, self.ann_file, self.tfms, self.masks = Path(img_dir), Path(ann_file), tfms, masks
         try: js = json.loads(self.ann_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetLayoutError(f"{ann_file} is not a json file ({e}); {_COCO_LAYOUT}") from None
-        v = validate_coco(js, source=ann_file); del js
+        v = validate_coco(js, source=ann_file)
         self.ids, self.files, self.sizes, self.offsets = v['ids'], v['files'], v['sizes'], v['offsets']
-        self.boxes, self.labels, self.crowd, self.cats, self.report = v['boxes'], v['labels'], v['crowd'], v['cats'], v['report']
+        self.boxes, self.crowd, self.cats, self.report = v['boxes'], v['crowd'], v['cats'], v['report']
+        self.cat_ids = sorted(self.cats)                                   # COCO 2017: 80 ids in 1..90
+        self.label_to_cat = np.array([0] + self.cat_ids, np.int64)         # label k (1..K) -> category id; 0: background
+        self.cat_to_label = {c: k + 1 for k, c in enumerate(self.cat_ids)}
+        self.labels = np.array([self.cat_to_label[int(c)] for c in v['labels']], np.int64)
+        if masks:
+            segs = [js['annotations'][k].get('segmentation') for k in v['index']]
+            if any(s is None for s in segs): raise DatasetLayoutError(f"{ann_file}: masks=True, but some annotations have no 'segmentation'")
+            self.segs = segs
+        del js
+    @property
+    def num_classes(self) -> int: return len(self.cat_ids) + 1   # with torchvision's background label 0
     def __len__(self): return len(self.ids)
-    def __getitem__(self, i):
-        from PIL import Image
-        from torchvision import tv_tensors
-        (w, h), s, e = self.sizes[i], self.offsets[i], self.offsets[i + 1]
-        with Image.open(self.img_dir/self.files[i]) as f:
-            if f.size != (round(w), round(h)):
-                raise DatasetLayoutError(f"{self.img_dir/self.files[i]} is {f.size[0]}x{f.size[1]} pixels but {self.ann_file} says {w}x{h}")
-            im = f.convert('RGB')
-        t = dict(boxes=tv_tensors.BoundingBoxes(torch.tensor(self.boxes[s:e]), format='XYXY', canvas_size=(round(h), round(w))),
-                 labels=torch.tensor(self.labels[s:e]), iscrowd=torch.tensor(self.crowd[s:e]), image_id=int(self.ids[i]))
-        if self.tfms is not None: im, t = self.tfms(im, t)
-        c = t['iscrowd']
-        return im, dict(boxes=t['boxes'][~c], labels=t['labels'][~c], image_id=t['image_id'],
-                        crowd_boxes=t['boxes'][c], crowd_labels=t['labels'][c])
-    @functools.cached_property
-    def coco(self):
-        "The validated boxes as a `pycocotools.coco.COCO` ground truth (json coordinates; crowd regions have `iscrowd=1`)."
-        COCO = require("pycocotools.coco", extra="detection").COCO
-        xywh = np.concatenate([self.boxes[:, :2], self.boxes[:, 2:] - self.boxes[:, :2]], 1).tolist()
-        img = np.repeat(np.arange(len(self.ids)), np.diff(self.offsets))
-        anns = [dict(id=k + 1, image_id=int(self.ids[i]), category_id=int(l), bbox=b, area=b[2] * b[3], iscrowd=int(c))
-                for k, (i, b, l, c) in enumerate(zip(img, xywh, self.labels, self.crowd))]
-        ims = [dict(id=int(i), file_name=f, width=w, height=h) for i, f, (w, h) in zip(self.ids, self.files, self.sizes)]
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(); coco.dataset = dict(images=ims, annotations=anns, categories=list(self.cats.values()), info={}); coco.createIndex()
-        return coco
 
+# %% ../../nbs/45_vision/00_vision.detection.ipynb #55d4c101
+@patch
+def __getitem__(self:CocoBoxes, i):
+    from PIL import Image
+    from torchvision import tv_tensors
+    (w, h), s, e = self.sizes[i], self.offsets[i], self.offsets[i + 1]
+    with Image.open(self.img_dir/self.files[i]) as f:
+        if f.size != (round(w), round(h)):
+            raise DatasetLayoutError(f"{self.img_dir/self.files[i]} is {f.size[0]}x{f.size[1]} pixels but {self.ann_file} says {w}x{h}")
+        im = f.convert('RGB')
+    H, W = round(h), round(w)
+    t = dict(boxes=tv_tensors.BoundingBoxes(torch.tensor(self.boxes[s:e]), format='XYXY', canvas_size=(H, W)),
+             labels=torch.tensor(self.labels[s:e]), iscrowd=torch.tensor(self.crowd[s:e]), image_id=int(self.ids[i]))
+    if self.masks:
+        ms = np.stack([_segm_to_mask(g, H, W) for g in self.segs[s:e]]) if e > s else np.zeros((0, H, W), np.uint8)
+        t['masks'] = tv_tensors.Mask(torch.from_numpy(ms))
+    if self.tfms is not None: im, t = self.tfms(im, t)
+    c = t['iscrowd']
+    out = dict(boxes=t['boxes'][~c], labels=t['labels'][~c], image_id=t['image_id'],
+               crowd_boxes=t['boxes'][c], crowd_labels=t['labels'][c],
+               orig_size=torch.tensor([H, W]), size=torch.tensor(t['boxes'].canvas_size))
+    if self.masks: out['masks'] = t['masks'][~c]
+    return im, out
+
+@patch(as_prop=True)
+def coco(self:CocoBoxes):
+    "The annotation file as a `pycocotools.coco.COCO` (what `xwlearn.vision.evaluation` scores against)."
+    COCO = require("pycocotools.coco", extra="detection").COCO
+    if not hasattr(self, '_coco'):
+        with contextlib.redirect_stdout(io.StringIO()): self._coco = COCO(str(self.ann_file))
+    return self._coco
+
+# %% ../../nbs/45_vision/00_vision.detection.ipynb #80408034
 def coco_dataset(path, # COCO root (see `check_coco_layout`)
                  split:str='train2017',
                  size:int|None=None, # resize the shorter side to `size` (boxes follow); None: keep
                  max_size:int|None=None, # cap on the longer side (torchvision detectors' `min_size`/`max_size` rule)
                  train:bool=False, # random horizontal flip
+                 masks:bool=False, # also load instance masks (`target['masks']`, resized with the image)
                 ) -> CocoBoxes:
     "The validated `split` of a COCO folder with `transforms.v2`: items `(float image (3,H,W) in [0,1], target)` (see `CocoBoxes`)."
     from torchvision.transforms import v2
@@ -244,7 +298,65 @@ def coco_dataset(path, # COCO root (see `check_coco_layout`)
     tfms = [v2.ToImage(), v2.ToDtype({tv_tensors.Image: torch.float32, 'others': None}, scale=True)]
     tfms += ([v2.Resize(size, max_size=max_size, antialias=True)] if size or max_size else [])
     tfms += ([v2.RandomHorizontalFlip()] if train else [])  # boxes were validated at load: no per-item sanitising
-    return CocoBoxes(img, ann, v2.Compose(tfms))
+    return CocoBoxes(img, ann, v2.Compose(tfms), masks=masks)
+
+# %% ../../nbs/45_vision/00_vision.detection.ipynb #54c5ada7
+_COLORS = ('tab:red', 'tab:blue', 'tab:green', 'tab:orange', 'tab:purple', 'tab:cyan', 'tab:olive', 'tab:pink', 'tab:brown', 'tab:gray')
+
+def show_detections(image, # (3,H,W) float in [0,1] or uint8, or (H,W,3)
+                    target:dict|None=None, # 'boxes' XYXY, 'labels' [, 'scores', 'masks', 'points', 'caption']
+                    ax=None, # a matplotlib axis (default: a new figure)
+                    label_names=None, # label -> name (default: the label number)
+                    score_thresh:float=0., # hide detections scoring below this
+                    linestyle:str='-', # '--' to tell ground truth from predictions on one image
+                   ):
+    "Draw an image with its boxes (one colour per label), masks (translucent), points (crosses) and caption (title)."
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    im = torch.as_tensor(image).detach().cpu()
+    if im.ndim == 3 and im.shape[0] in (1, 3): im = im.permute(1, 2, 0)
+    im = im.float() / 255 if im.dtype == torch.uint8 else im.float()
+    if ax is None: _, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(im.clamp(0, 1).numpy()); ax.set_axis_off()
+    t = target or {}
+    n = len(t['boxes']) if 'boxes' in t else 0
+    keep = torch.ones(n, dtype=torch.bool) if 'scores' not in t else torch.as_tensor(t['scores']).cpu() >= score_thresh
+    labels = torch.as_tensor(t.get('labels', torch.zeros(n, dtype=torch.long))).cpu().long()
+    for k in torch.nonzero(keep).flatten().tolist():
+        x0, y0, x1, y1 = torch.as_tensor(t['boxes'][k]).tolist(); l = int(labels[k]); c = _COLORS[l % len(_COLORS)]
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=c, lw=1.5, ls=linestyle))
+        name = label_names[l] if label_names is not None else str(l)
+        txt = f"{name} {float(t['scores'][k]):.2f}" if 'scores' in t else name
+        ax.text(x0, y0, txt, color='white', fontsize=7, va='bottom', bbox=dict(facecolor=c, alpha=0.7, pad=1, lw=0))
+        if 'masks' in t:
+            m = torch.as_tensor(t['masks'][k]).detach().cpu().float().reshape(im.shape[:2]) > 0.5
+            rgba = np.zeros((*m.shape, 4)); rgba[m.numpy()] = (*plt.matplotlib.colors.to_rgb(c), 0.4); ax.imshow(rgba)
+    if 'points' in t and len(t['points']):
+        p = torch.as_tensor(t['points']).cpu().reshape(-1, 2); ax.plot(p[:, 0], p[:, 1], 'x', color='yellow', ms=7, mew=2)
+    if t.get('caption'): ax.set_title(str(t['caption']), fontsize=8)
+    return ax
+
+def _label_names(dl):
+    "['background', name of label 1, ...] from a loader over a `CocoBoxes` (or a `Subset` of one); None otherwise."
+    ds = getattr(dl, 'dataset', None); ds = getattr(ds, 'dataset', ds)
+    if not hasattr(ds, 'cat_ids'): return None
+    return ['background'] + [ds.cats[c].get('name', str(c)) for c in ds.cat_ids]
+
+def _grid(n, ncols, figsize):
+    import matplotlib.pyplot as plt
+    nrows = -(-n // ncols); fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (3 * ncols, 3 * nrows), squeeze=False)
+    for ax in axs.flat[n:]: ax.set_axis_off()
+    return fig, axs.flat
+
+class DetectionDataLoaders(DataLoaders):
+    "fastai `DataLoaders` of detection batches `(list of images, list of targets)`; `show_batch` draws them."
+    def show_batch(self, b=None, # a batch; default: one from `self[ds_idx]`
+                   max_n:int=6, ncols:int=3, figsize=None, ds_idx:int=0, label_names=None):
+        images, targets = b if b is not None else self[ds_idx].one_batch()
+        n = min(max_n, len(images)); fig, axs = _grid(n, min(ncols, n), figsize)
+        names = label_names or _label_names(self[ds_idx])
+        for im, t, ax in zip(images[:n], targets[:n], axs): show_detections(im, t, ax, names)
+        return fig
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #4ba7ccc8
 def detection_collate(batch):
@@ -263,49 +375,15 @@ def coco_dls(path, # COCO root
              size:int|None=800, max_size:int|None=1333, # the detector's usual input scale
              splits=COCO_SPLITS, seed:int=0, num_workers:int=0, device=None,
              n_train:int|None=None, n_valid:int|None=None, # keep the first n images (smoke tests)
-            ) -> DataLoaders:
-    "fastai `DataLoaders` of `(images, targets)` lists over a COCO-layout folder (random flip on the training split)."
-    trn, val = (coco_dataset(path, s, size, max_size, train=(i == 0)) for i, s in enumerate(splits))
+             masks:bool=False, # also load instance masks
+            ) -> DetectionDataLoaders:
+    "`DetectionDataLoaders` of `(images, targets)` lists over a COCO-layout folder (random flip on the training split)."
+    trn, val = (coco_dataset(path, s, size, max_size, train=(i == 0), masks=masks) for i, s in enumerate(splits))
     if n_train: trn = torch.utils.data.Subset(trn, range(min(n_train, len(trn))))
     if n_valid: val = torch.utils.data.Subset(val, range(min(n_valid, len(val))))
     kw = dict(create_batch=detection_collate, num_workers=num_workers)
-    return DataLoaders(SeededDL(trn, bs=bs, shuffle=True, drop_last=len(trn) > bs, seed=seed, **kw),
+    return DetectionDataLoaders(SeededDL(trn, bs=bs, shuffle=True, drop_last=len(trn) > bs, seed=seed, **kw),
                        SeededDL(val, bs=bs, shuffle=False, **kw), device=device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-
-# %% ../../nbs/45_vision/00_vision.detection.ipynb #8f2b1a79
-COCO_STATS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
-
-def targets_to_coco(targets:list, # target dicts with 'boxes' (XYXY), 'labels', 'image_id' (optional: 'crowd_boxes', 'crowd_labels')
-                    categories=None, # COCO categories; default: one per label seen
-                   ) -> dict:
-    "A COCO ground-truth dict from loaded targets (boxes in the coordinates of the loaded images; crowd boxes get `iscrowd=1`)."
-    images, anns = [], []
-    for t in targets:
-        iid = int(t['image_id']); images.append(dict(id=iid))
-        for crowd, (kb, kl) in enumerate((('boxes', 'labels'), ('crowd_boxes', 'crowd_labels'))):
-            if kb not in t: continue
-            for b, l in zip(torch.as_tensor(t[kb]).reshape(-1, 4).tolist(), torch.as_tensor(t[kl]).reshape(-1).tolist()):
-                w, h = b[2] - b[0], b[3] - b[1]
-                anns.append(dict(id=len(anns) + 1, image_id=iid, category_id=int(l), bbox=[b[0], b[1], w, h], area=w * h, iscrowd=crowd))
-    if categories is None: categories = [dict(id=c) for c in sorted({a['category_id'] for a in anns})]
-    return dict(images=images, annotations=anns, categories=list(categories))
-
-def coco_evaluate(gt, # COCO ground-truth dict (or `pycocotools.coco.COCO`)
-                  detections:list, # one dict per image: 'image_id', 'boxes' (XYXY), 'scores', 'labels'
-                 ) -> dict:
-    "COCO box AP/AP50/AP75/APs/APm/APl (fractions in [0,1]; nan where the ground truth has no objects of that size) with pycocotools' `COCOeval`."
-    COCO = require("pycocotools.coco", extra="detection").COCO
-    COCOeval = require("pycocotools.cocoeval", extra="detection").COCOeval
-    res = [dict(image_id=int(d['image_id']), category_id=int(l), bbox=[b[0], b[1], b[2] - b[0], b[3] - b[1]], score=float(s))
-           for d in detections for b, s, l in zip(d['boxes'].tolist(), d['scores'].tolist(), d['labels'].tolist())]
-    if not res: return {k: 0. for k in COCO_STATS}
-    with contextlib.redirect_stdout(io.StringIO()):
-        if isinstance(gt, COCO): coco = gt
-        else: coco = COCO(); coco.dataset = dict(gt); coco.dataset.setdefault('info', {}); coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes(res), 'bbox')
-        ev.params.imgIds = sorted({int(d['image_id']) for d in detections})
-        ev.evaluate(); ev.accumulate(); ev.summarize()
-    return {k: float(v) if v >= 0 else float('nan') for k, v in zip(COCO_STATS, ev.stats[:6])}  # pycocotools' -1 (no objects of that size) -> nan
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #1b72ded3
 class DetectionModel(nn.Module):
@@ -333,24 +411,129 @@ class DetectionCallback(Callback):
         self.learn.xb = (images, targets)
         self.learn.yb = (torch.stack([torch.as_tensor(t['image_id']) for t in targets]).to(images[0].device),)
 
-class CocoAP(Metric):
-    "COCO AP (or `key` in `COCO_STATS`) of the validation detections against the loaded targets, with pycocotools."
-    def __init__(self, key:str='AP'): self.key, self._name = key, key
-    def reset(self): self.dets, self.tgts = [], []
-    def accumulate(self, learn):
+# %% ../../nbs/45_vision/00_vision.detection.ipynb #af46992d
+LOSS_TERMS = {'RetinaNet': ('classification', 'bbox_regression'), 'FCOS': ('classification', 'bbox_regression', 'bbox_ctrness'),
+              'SSD': ('bbox_regression', 'classification'),
+              'FasterRCNN': ('loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg'),
+              'MaskRCNN': ('loss_classifier', 'loss_box_reg', 'loss_mask', 'loss_objectness', 'loss_rpn_box_reg'),
+              'KeypointRCNN': ('loss_classifier', 'loss_box_reg', 'loss_keypoint', 'loss_objectness', 'loss_rpn_box_reg')}
+
+class LossTermsCallback(Callback):
+    "Log each term of the loss dict as recorder columns `train_<term>` and `valid_<term>` (means over the epoch's images)."
+    order = Recorder.order + 1  # after the recorder has named its columns, before the progress table prints them
+    def __init__(self, terms=None): self.terms = terms # the dict's keys; default: `LOSS_TERMS` of the detector's class, or its `loss_terms`
+    def before_fit(self):
+        if self.terms is None:
+            det = getattr(self.learn.model, 'detector', self.learn.model)
+            self.terms = getattr(det, 'loss_terms', None) or next((v for k, v in LOSS_TERMS.items() if type(det).__name__ == k), None)
+            if self.terms is None: raise ValueError(f"LossTermsCallback(terms=...) is needed for a {type(det).__name__}: name its loss dict's keys")
+        names = list(self.recorder.metric_names); i = len(names) - 1 if self.recorder.add_time else len(names)
+        self.recorder.metric_names = L(names[:i] + [f'{p}_{t}' for p in ('train', 'valid') for t in self.terms] + names[i:])
+    def before_epoch(self): self.sums = {p: torch.zeros(len(self.terms), dtype=torch.float64) for p in ('train', 'valid')}; self.n = dict(train=0, valid=0)
+    def after_loss(self):
+        losses = self.pred[0] if isinstance(self.pred, tuple) else self.pred
+        if not losses: return                                     # two-stage detectors give no validation losses
+        p, bs = 'train' if self.training else 'valid', len(self.yb[0])
+        self.sums[p] += bs * torch.tensor([float(losses[t].detach()) if t in losses else float('nan') for t in self.terms], dtype=torch.float64)
+        self.n[p] += bs
+    def after_validate(self):
+        self.recorder.log += [float(v) for p in ('train', 'valid') for v in (self.sums[p] / self.n[p] if self.n[p] else self.sums[p] * float('nan'))]
+
+# %% ../../nbs/45_vision/00_vision.detection.ipynb #56704576
+class _CocoRun:
+    "One `CocoEvaluator` shared by several `CocoMetric`s: collects a validation pass once, scores it once."
+    def __init__(self, iou_types, backend): self.iou_types, self.backend, self.ev, self.cache = iou_types, backend, None, None
+    def reset(self):
+        self.cache = None
+        if self.ev is not None: self.ev.reset()
+    def _make(self, learn):
+        ds = learn.dls.valid.dataset; base = getattr(ds, 'dataset', ds)
+        if not (hasattr(base, 'ann_file') and hasattr(base, 'label_to_cat')):
+            raise TypeError(f"COCO metrics need a valid dataset with 'ann_file' and 'label_to_cat' (a CocoBoxes), got {type(base).__name__}")
+        ids = [int(base.ids[i]) for i in ds.indices] if hasattr(ds, 'indices') else None   # a Subset scores its images only
+        self.ev = CocoEvaluator(base.ann_file, self.iou_types, base.label_to_cat, self.backend, img_ids=ids)
+    def update(self, learn):
+        if self.ev is None: self._make(learn)
         _, dets = learn.pred
-        for d, t in zip(dets, learn.xb[1]):
-            self.dets.append(dict(image_id=t['image_id'], **{k: d[k].detach().cpu() for k in ('boxes', 'scores', 'labels')}))
-            self.tgts.append({k: t[k].detach().cpu() for k in ('boxes', 'labels', 'image_id', 'crowd_boxes', 'crowd_labels') if k in t})
+        self.ev.update([{k: v.detach().cpu() for k, v in d.items()} for d in dets], [{k: v for k, v in t.items()} for t in learn.xb[1]])
+    def compute(self):
+        if self.cache is None: self.cache = self.ev.compute() if self.ev is not None else None
+        return self.cache
+
+class CocoMetric(Metric):
+    "A COCO statistic (`key` of `COCO_STATS`) of the validation detections over the whole valid split, against its annotation file."
+    def __init__(self, key:str='AP', iou_type:str='bbox', backend:str='pycocotools', run=None):
+        if key not in COCO_STATS: raise ValueError(f"key must be one of {COCO_STATS}, got {key!r}")
+        self.key, self.iou_type, self.owner = key, iou_type, run is None
+        self.run = _CocoRun((iou_type,), backend) if run is None else run
+    def reset(self):
+        if self.owner: self.run.reset()
+    def accumulate(self, learn):
+        if self.owner: self.run.update(learn)
     @property
-    def value(self): return coco_evaluate(targets_to_coco(self.tgts), self.dets)[self.key] if self.tgts else None
+    def value(self):
+        r = self.run.compute(); return None if r is None else r[self.iou_type][self.key]
     @property
-    def name(self): return self._name
+    def name(self): return self.key if self.iou_type == 'bbox' else f'mask_{self.key}'
+
+def coco_metrics(keys=('AP', 'AP50'), # statistics to report (`COCO_STATS`)
+                 iou_types=('bbox',), # 'bbox' and/or 'segm' (mask AP: the detector returns 'masks')
+                 backend:str='pycocotools') -> list:
+    "fastai metrics for each key and IoU type, sharing one evaluation per validation pass."
+    run = _CocoRun(tuple(iou_types), backend)
+    ms = [CocoMetric(k, t, backend, run) for t in iou_types for k in keys]
+    ms[0].owner = True
+    return ms
+
+# %% ../../nbs/45_vision/00_vision.detection.ipynb #c21c0457
+class DetectionLearner(Learner):
+    "A fastai `Learner` for detection batches; `show_results` draws ground truth (dashed) and detections (solid)."
+    def show_results(self, ds_idx:int=1, max_n:int=6, ncols:int=3, score_thresh:float=0.5, figsize=None, label_names=None):
+        images, targets = self.dls[ds_idx].one_batch()
+        n = min(max_n, len(images)); was = self.model.training; self.model.eval()
+        try:
+            with torch.no_grad(): _, dets = self.model(images[:n])
+        finally: self.model.train(was)
+        fig, axs = _grid(n, min(ncols, n), figsize); names = label_names or _label_names(self.dls[ds_idx])
+        for im, t, d, ax in zip(images, targets, dets, axs):
+            show_detections(im, {k: v for k, v in t.items() if k in ('boxes', 'labels', 'points', 'caption')}, ax, names, linestyle='--')
+            show_detections(im, d, ax, names, score_thresh=score_thresh)
+        return fig
 
 def detection_learner(dls:DataLoaders, detector:nn.Module, # a torchvision detector (RetinaNet, FCOS, FasterRCNN, ...)
-                      opt_func=SGD, lr:float=0.01, metrics=None, # default metrics: CocoAP('AP'), CocoAP('AP50')
-                      cbs=None, **kwargs) -> Learner:
+                      opt_func=SGD, lr:float=0.01, metrics=None, # default metrics: `coco_metrics(('AP', 'AP50'))`
+                      cbs=None, loss_terms=True, # log each loss term (True: the detector's known terms; or a tuple of keys; False: off)
+                      **kwargs) -> DetectionLearner:
     "A fastai `Learner` training a torchvision detector on `(images, targets)` batches, with COCO AP as metrics."
-    metrics = [CocoAP('AP'), CocoAP('AP50')] if metrics is None else metrics
-    cbs = [DetectionCallback()] + list(cbs or [])
-    return Learner(dls, DetectionModel(detector), loss_func=detection_loss, opt_func=opt_func, lr=lr, metrics=metrics, cbs=cbs, **kwargs)
+    metrics = coco_metrics(('AP', 'AP50')) if metrics is None else metrics
+    cbs = [DetectionCallback()] + ([LossTermsCallback(None if loss_terms is True else loss_terms)] if loss_terms is not False else []) + list(cbs or [])
+    return DetectionLearner(dls, DetectionModel(detector), loss_func=detection_loss, opt_func=opt_func, lr=lr, metrics=metrics, cbs=cbs, **kwargs)
+
+# %% ../../nbs/45_vision/00_vision.detection.ipynb #0df9db65
+def tiny_fcos(num_classes:int=6, # labels 0..num_classes-1 (our loaders: K classes + background -> K + 1)
+              width:int=16, # channels of the first stage (x2 later); a multiple of 16 (the head's GroupNorm has 32 groups)
+              size:int=64, # images are resized to this (torchvision's min_size = max_size)
+             ) -> nn.Module:
+    "A CPU-sized torchvision FCOS: 6 conv-BN-ReLU layers to stride 8, one feature level, anchor-free head."
+    from torchvision.models.detection import FCOS
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    def conv(i, o, s): return nn.Sequential(nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+    w = width
+    body = nn.Sequential(conv(3, w, 2), conv(w, w, 1), conv(w, 2 * w, 2), conv(2 * w, 2 * w, 1), conv(2 * w, 2 * w, 2), conv(2 * w, 2 * w, 1))
+    body.out_channels = 2 * w
+    return FCOS(body, num_classes, min_size=size, max_size=size, anchor_generator=AnchorGenerator(((16,),), ((1.0,),)),
+                image_mean=[0.5] * 3, image_std=[0.25] * 3, score_thresh=0.05, center_sampling_radius=1.5)
+
+def centred_box_baseline(train:CocoBoxes, # the training split: box size and class frequencies come from it
+                         targets:list, # the loader targets of the images to "detect" on ('size')
+                        ) -> list:
+    "A detector that looks at nothing: per image, one box per class at the centre, the median training box size (relative), scored by class frequency."
+    wh = train.boxes[:, 2:] - train.boxes[:, :2]
+    rel = np.median(wh[~train.crowd] / np.repeat(np.array(train.sizes, np.float64), np.diff(train.offsets), 0)[~train.crowd], 0)
+    freq = np.bincount(train.labels[~train.crowd], minlength=train.num_classes)[1:] / (~train.crowd).sum()
+    K = train.num_classes - 1; out = []
+    for t in targets:
+        h, w = torch.as_tensor(t['size']).tolist(); bw, bh = rel[0] * w, rel[1] * h
+        box = torch.tensor([[(w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2]], dtype=torch.float32)
+        out.append(dict(boxes=box.repeat(K, 1), labels=torch.arange(1, K + 1), scores=torch.as_tensor(freq, dtype=torch.float32)))
+    return out
