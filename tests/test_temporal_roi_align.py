@@ -1,0 +1,216 @@
+"""Temporal RoI Align (`xwlearn.detection.temporal_roi_align`) against independent references.
+
+Two references: a per-pixel loop written from the paper's definition (cosine similarity, the K best positions with ties
+to the lowest position, softmax over them, weighted sum of the raw features), and the official mmtracking
+`TemporalRoIAlign.most_similar_roi_align` / `temporal_attentional_feature_aggregation` transcribed as tensor code
+(`topk` based, so it is compared only where the similarities have no ties).
+"""
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from xwlearn.detection.temporal_roi_align import (most_similar_roi_align, TemporalAttentionAggregation, TemporalRoIAlign,
+                                                  sample_ref_frames, cocovid_key_refs, troi_similarity_bytes)
+
+torch.set_num_threads(1)
+D = torch.float64
+
+
+# ---------------------------------------------------------------- references
+def loop_msra(x, f, k):
+    "Per RoI pixel and frame: rank positions by (-cosine, position), keep k, softmax, weighted sum."
+    n, c, h, w = x.shape; T, _, H, W = f.shape
+    out = torch.zeros(T, n, c, h, w, dtype=x.dtype)
+    ff = f.flatten(2)
+    for t in range(T):
+        for r in range(n):
+            for i in range(h):
+                for j in range(w):
+                    q = x[r, :, i, j]
+                    sims = [float(q @ ff[t, :, s] / (q.norm() * ff[t, :, s].norm())) for s in range(H * W)]
+                    best = sorted(range(H * W), key=lambda s: (-sims[s], s))[:k]
+                    wt = torch.tensor([sims[s] for s in best], dtype=x.dtype).softmax(0)
+                    out[t, r, :, i, j] = sum(wt[m] * ff[t, :, best[m]] for m in range(k))
+    return out
+
+
+def official_msra(roi_feats, ref_feats, k):
+    "mmtracking's most_similar_roi_align, transcribed (topk; a Python loop over frames)."
+    q = roi_feats / roi_feats.norm(p=2, dim=1, keepdim=True)
+    r = ref_feats / ref_feats.norm(p=2, dim=1, keepdim=True)
+    n, c, h, w = q.shape; T, _, H, W = r.shape
+    S = q.permute(0, 2, 3, 1).reshape(-1, c).mm(r.permute(1, 0, 2, 3).reshape(c, -1)).view(-1, T, H * W)
+    v, idx = S.topk(k=k, dim=2, largest=True)
+    v = v.softmax(dim=2)
+    rf = ref_feats.permute(2, 3, 0, 1).reshape(-1, T, c)
+    out = torch.stack([(rf[idx[:, t], t, :] * v[:, t].unsqueeze(-1)).sum(1) for t in range(T)])
+    return out.view(T, n, h, w, c).permute(0, 1, 4, 2, 3)
+
+
+def official_tafa(embed, x, ref_x, blocks):
+    "mmtracking's temporal_attentional_feature_aggregation, transcribed; x (1, n, C, h, w)."
+    x = torch.cat((x, ref_x), 0)
+    img_n, roi_n, _, h, w = x.shape
+    e = embed(x.view(img_n * roi_n, -1, h, w)); c = e.size(1)
+    e = e.view(img_n, roi_n, blocks, -1, h, w)
+    a = torch.sum(e * e[[0]], dim=3, keepdim=True) / float(c / blocks) ** 0.5
+    a = a.expand(-1, -1, -1, c // blocks, -1, -1).contiguous().view(img_n, roi_n, c, h, w).softmax(0)
+    return (x * a).sum(0)
+
+
+# ---------------------------------------------------------------- most-similar RoI align
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_oracle_matches_the_per_pixel_loop(k):
+    g = torch.Generator().manual_seed(k)
+    x, f = torch.randn(2, 5, 3, 3, generator=g, dtype=D), torch.randn(2, 5, 4, 3, generator=g, dtype=D)
+    assert torch.allclose(most_similar_roi_align(x, f, k), loop_msra(x, f, k), atol=1e-12)
+
+
+def test_oracle_matches_the_official_form_without_ties():
+    g = torch.Generator().manual_seed(0)
+    x, f = torch.randn(4, 16, 7, 7, generator=g, dtype=D), torch.randn(3, 16, 9, 11, generator=g, dtype=D)
+    assert torch.allclose(most_similar_roi_align(x, f, 2), official_msra(x, f, 2), atol=1e-12)
+
+
+def test_ties_go_to_the_lowest_position_and_are_deterministic():
+    x = torch.randn(2, 4, 7, 7, dtype=D)
+    f = torch.randn(1, 4, 3, 3, dtype=D)
+    f[0, :, 2, 1] = f[0, :, 0, 2] = f[0, :, 1, 1] = torch.tensor([1., 1., 1., 1.], dtype=D)   # positions 7, 2, 4: equal
+    q = torch.ones(1, 4, 1, 1, dtype=D)                                                      # most similar to all three
+    _, idx = most_similar_roi_align(q, f, k=3, return_index=True)
+    assert idx[0, 0].tolist() == [2, 4, 7]
+    runs = [most_similar_roi_align(x, torch.zeros(2, 4, 5, 5, dtype=D), k=4, return_index=True)[1] for _ in range(3)]
+    assert all(torch.equal(r, runs[0]) for r in runs) and runs[0].unique(dim=0).tolist() == [[[0, 1, 2, 3]] * 2]
+
+
+def test_zero_feature_pixels_do_not_give_nan():
+    y = most_similar_roi_align(torch.zeros(1, 4, 7, 7), torch.randn(2, 4, 5, 5), 2)
+    assert y.isfinite().all()
+
+
+def test_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 2, 2, generator=g, dtype=D, requires_grad=True)
+    f = torch.randn(2, 3, 3, 4, generator=g, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: most_similar_roi_align(a, b, 2), (x, f))
+
+
+def test_identical_reference_matches_each_pixel_to_itself():
+    g = torch.Generator().manual_seed(2)
+    feat = torch.randn(1, 32, 16, 20, generator=g, dtype=D)
+    boxes = torch.tensor([[0., 0., 7., 7.], [11., 4., 18., 11.], [3., 9., 10., 16.]], dtype=D)
+    ex = TemporalRoIAlign(32, sampling_ratio=1).double()
+    x = ex.pool({'0': feat}, [boxes], [(16, 20)])
+    _, idx = most_similar_roi_align(x, feat, k=1, return_index=True)
+    ii, jj = torch.meshgrid(torch.arange(7), torch.arange(7), indexing='ij')
+    expect = torch.stack([(int(b[1]) + ii) * 20 + int(b[0]) + jj for b in boxes]).flatten()
+    assert torch.equal(idx[:, 0, 0], expect)
+    # and the most-similar feature (k=1) is the key RoI feature itself
+    assert torch.allclose(most_similar_roi_align(x, feat, k=1)[0], x, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(x=torch.randn(2, 4, 7)), "roi_feats: expected a 4-d Tensor"),
+    (dict(f=torch.randn(1, 3, 4, 4)), "ref_feats: expected 4 channels"),
+    (dict(k=0), "k: expected an int in [1, H*W=16]"),
+    (dict(k=17), "k: expected an int in [1, H*W=16]"),
+    (dict(f=[1, 2]), "ref_feats: expected a Tensor"),
+])
+def test_bad_inputs_name_the_argument(bad, msg):
+    a = dict(x=torch.randn(2, 4, 7, 7), f=torch.randn(1, 4, 4, 4), k=2) | bad
+    with pytest.raises((ValueError, TypeError), match=msg.replace('[', r'\[').replace(']', r'\]').replace('*', r'\*')):
+        most_similar_roi_align(a['x'], a['f'], a['k'])
+
+
+# ---------------------------------------------------------------- TAFA and the extractor
+def test_tafa_matches_the_official_form():
+    torch.manual_seed(0)
+    agg = TemporalAttentionAggregation(16, 4).double()
+    x, ref = torch.randn(5, 16, 7, 7, dtype=D), torch.randn(3, 5, 16, 7, 7, dtype=D)
+    with torch.no_grad():
+        assert torch.allclose(agg(x, ref), official_tafa(agg.embed, x[None], ref, 4), atol=1e-12)
+        assert torch.allclose(TemporalAttentionAggregation(16, 0)(x, ref), torch.cat([x[None], ref]).mean(0), atol=1e-12)
+
+
+def test_no_references_equals_roi_align():
+    g = torch.Generator().manual_seed(3)
+    feat = torch.randn(2, 8, 10, 12, generator=g, dtype=D)
+    props = [torch.tensor([[0., 0., 50., 40.], [8., 8., 90., 70.]], dtype=D), torch.tensor([[20., 10., 60., 60.]], dtype=D)]
+    ex = TemporalRoIAlign(8).double()
+    ref = roi_align(feat, props, 7, 1 / 8, 2, aligned=True)
+    with torch.no_grad():
+        assert torch.equal(ex({'0': feat}, props, [(80, 96)] * 2), ref)
+        assert torch.equal(ex({'0': feat}, props, [(80, 96)] * 2, ref_feats=[feat[:0, :, :, :]] * 2), ref)
+
+
+def test_reference_order_does_not_change_the_aggregate():
+    torch.manual_seed(4)
+    feat, refs = torch.randn(1, 8, 10, 12, dtype=D), torch.randn(5, 8, 10, 12, dtype=D)
+    props = [torch.tensor([[0., 0., 50., 40.], [8., 8., 90., 70.], [30., 5., 70., 33.]], dtype=D)]
+    ex = TemporalRoIAlign(8, k=2, blocks=4).double()
+    with torch.no_grad():
+        a = ex({'0': feat}, props, [(80, 96)], ref_feats=[refs])
+        for p in ([4, 2, 0, 3, 1], [1, 0, 2, 3, 4]):
+            assert torch.allclose(ex({'0': feat}, props, [(80, 96)], ref_feats=[refs[p]]), a, atol=1e-12)
+
+
+def test_chunking_is_exact():
+    torch.manual_seed(5)
+    feat, refs = torch.randn(1, 8, 10, 12, dtype=D), torch.randn(3, 8, 10, 12, dtype=D)
+    props = [torch.rand(7, 2, dtype=D).mul(40).repeat(1, 2) + torch.tensor([0., 0., 30., 30.], dtype=D)]
+    a, b = TemporalRoIAlign(8).double(), TemporalRoIAlign(8, chunk=2).double()
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(a({'0': feat}, props, [(80, 96)], ref_feats=[refs]), b({'0': feat}, props, [(80, 96)], ref_feats=[refs]), atol=1e-12)
+
+
+def test_zero_proposals_do_not_crash():
+    ex = TemporalRoIAlign(8)
+    feat, refs = torch.randn(2, 8, 10, 12), torch.randn(3, 8, 10, 12)
+    out = ex({'0': feat}, [torch.zeros(0, 4), torch.tensor([[0., 0., 40., 40.]])], [(80, 96)] * 2, ref_feats=[refs, refs])
+    assert out.shape == (1, 8, 7, 7)
+    assert ex({'0': feat[:1]}, [torch.zeros(0, 4)], [(80, 96)], ref_feats=[refs]).shape == (0, 8, 7, 7)
+    y = most_similar_roi_align(torch.zeros(0, 8, 7, 7), refs, 2)
+    assert y.shape == (3, 0, 8, 7, 7)
+    assert TemporalAttentionAggregation(8)(torch.zeros(0, 8, 7, 7), y).shape == (0, 8, 7, 7)
+
+
+def test_tafa_bad_blocks():
+    with pytest.raises(ValueError, match="blocks: expected 0 or a positive divisor of channels=10"):
+        TemporalAttentionAggregation(10, 4)
+
+
+# ---------------------------------------------------------------- sampling and memory
+def test_bilateral_uniform_sampling():
+    rng = random.Random(0)
+    for L in (1, 2, 5, 30):
+        for f in range(L):
+            s = sample_ref_frames(f, L, 4, 9, rng=rng)
+            left, right = [j for j in s if j < f], [j for j in s if j > f]
+            assert len(left) == min(2, f, 9) and len(right) == min(2, L - 1 - f, 9) and len(set(s)) == len(s)
+            assert all(abs(j - f) <= 9 for j in s) and s == sorted(s)
+    assert sample_ref_frames(0, 1, 2, 0) == [0, 0]
+    with pytest.raises(ValueError, match="frame_id: expected 0 <= frame_id < num_frames=3, got 3"):
+        sample_ref_frames(3, 3)
+    with pytest.raises(ValueError, match="method: expected"):
+        sample_ref_frames(0, 3, method='uniform')
+
+
+def test_adaptive_stride_and_cocovid_pairs():
+    assert sample_ref_frames(3, 100, 14, method='adaptive_stride') == [round(i * 99 / 13) for i in range(14)]
+    videos = {1: dict(frames=[10, 11, 12, 13]), 2: dict(frames=[20, 21])}
+    pairs = cocovid_key_refs(videos, num_refs=2, frame_range=1, seed=0)
+    assert [k for k, _ in pairs] == [10, 11, 12, 13, 20, 21]
+    for k, rs in pairs:
+        same = videos[1 if k < 20 else 2]['frames']
+        assert all(r in same and r != k and abs(same.index(r) - same.index(k)) == 1 for r in rs)
+    assert pairs == cocovid_key_refs(videos, num_refs=2, frame_range=1, seed=0)
+
+
+def test_similarity_bytes_at_the_paper_shapes():
+    assert troi_similarity_bytes(300, 14, 38, 63) == 300 * 49 * 14 * 38 * 63 * 4
+    assert 1.8 < troi_similarity_bytes(300, 14) / 2**30 < 1.9 and 0.26 < troi_similarity_bytes(300, 2) / 2**30 < 0.27
