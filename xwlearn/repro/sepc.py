@@ -48,18 +48,13 @@ def sepc_scenes(n:int, size:int=64, seed:int=0, scale=(0.06, 0.45)) -> tuple:
     return x, tg, gt
 
 # %% ../../nbs/50_detection/10a_repro.sepc.ipynb #e164a027
-class _DictFPN(nn.Module):
-    "torchvision's detectors want the backbone to return a dict of levels and to carry `out_channels`."
-    def __init__(self, fpn): super().__init__(); self.fpn, self.out_channels = fpn, fpn.out_channels
-    def forward(self, x): return {str(i): f for i, f in enumerate(self.fpn(x))}
-
 def tiny_retinanet(arm:str, # one of `SEPC_ARMS`
                    size:int=64, width:int=32, num_classes:int=len(SHAPE_CLASSES) + 1) -> RetinaNet:
     "torchvision RetinaNet on TinyBackbone + FPN (P3–P7, `width` channels) with the head of `arm`."
     if arm not in SEPC_ARMS: raise ValueError(f"arm must be one of {SEPC_ARMS}, got {arm!r}")
     anchors = AnchorGenerator(tuple(tuple(2 * s * 2 ** (i / 3) for i in range(3)) for s in (8, 16, 32, 64, 128)), ((1.0,),) * 5)
-    fpn = BackboneFPN(TinyBackbone(widths=(16, 32, 48, 64, 96)), out_channels=width, p6p7=True)
-    det = RetinaNet(_DictFPN(fpn), num_classes, anchor_generator=anchors, min_size=size, max_size=size, detections_per_img=100)
+    fpn = BackboneFPN(TinyBackbone(widths=(16, 32, 48, 64, 96)), out_channels=width, p6p7=True, dict_out=True)
+    det = RetinaNet(fpn, num_classes, anchor_generator=anchors, min_size=size, max_size=size, detections_per_img=100)
     if arm == '7 convs + GN':   # the control: as many 3×3 kernels as 4 PConvs + cls/loc conv, and a normaliser
         for h in (det.head.classification_head, det.head.regression_head):
             h.conv = nn.Sequential(*[Conv2dNormActivation(width, width, norm_layer=partial(nn.GroupNorm, 8), bias=True)
