@@ -33,9 +33,11 @@ print("import xwlearn.distributed:", names_extra(_dist, "dist"))
 import xwlearn.llm.core as llm  # imports with torch alone; loading a model needs the llm extra
 Path("hf_model").mkdir(exist_ok=True); Path("hf_model/config.json").write_text("{}")
 print("xwlearn.llm.core.load_causal_lm:", names_extra(lambda: llm.load_causal_lm("hf_model"), "llm"))
-from xwlearn.vision.detection import coco_evaluate
+from xwlearn.vision.evaluation import coco_evaluate  # COCO AP against pycocotools / faster-coco-eval: the detection extra
 gt = dict(images=[dict(id=1, width=8, height=8)], annotations=[], categories=[dict(id=1, name="a")])
-print("xwlearn.vision.detection.coco_evaluate:", names_extra(lambda: coco_evaluate(gt, []), "detection"))
+print("xwlearn.vision.evaluation.coco_evaluate:", names_extra(lambda: coco_evaluate(gt, []), "detection"))
+from xwlearn.vision.datasets import write_fixture  # MegaDepth's depth maps are HDF5: the matching extra
+print("xwlearn.vision.datasets.write_fixture('megadepth'):", names_extra(lambda: write_fixture("megadepth", Path("md_fixture")), "matching"))
 
 r = subprocess.run([sys.executable, "-m", "xwlearn", "list"], capture_output=True, text=True)
 assert r.returncode == 0, r.stderr[-2000:]
