@@ -22,13 +22,19 @@ def copy_roof_gbps(nbytes=2 * 2**30):
     return 2 * (nbytes // 2) * 2 / (ms * 1e-3) / 1e9
 
 
+# the PyTorch references a benchmark times against (and, for Temporal RoI Align, the backward the kernel reuses)
+REFERENCES = {"adax": ["xwlearn/optim/adax.py"], "relay": ["xwlearn/llm/relay.py"], "bra": ["xwlearn/models/biformer.py"],
+              "ms_deform_attn": ["xwlearn/vision/detr.py"],
+              "temporal_roi_align": ["xwlearn/detection/temporal_roi_align.py"]}
+
+
 def code_version(name=None, root=HERE.parent):
     """Which code a result measured: the git commit, whether the files that decide the timing differ from it, and a
     content hash (sha1, 12 hex) of each — the kernel modules `xwlearn/kernels/*.py` and the script `kernels/bench_<name>.py`.
     A number without its code version cannot be compared with a later run of changed kernels."""
     import hashlib, subprocess
     files = sorted((root / "xwlearn" / "kernels").glob("*.py"))
-    if name: files.append(HERE / f"bench_{name}.py")
+    if name: files += [HERE / f"bench_{name}.py"] + [root / r for r in REFERENCES.get(name, ())]
     def git(*a):
         try: r = subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.SubprocessError): return None

@@ -4,9 +4,15 @@ Two references: a per-pixel loop written from the paper's definition (cosine sim
 to the lowest position, softmax over them, weighted sum of the raw features), and the official mmtracking
 `TemporalRoIAlign.most_similar_roi_align` / `temporal_attentional_feature_aggregation` transcribed as tensor code
 (`topk` based, so it is compared only where the similarities have no ties).
+
+SELSA (`SelsaAggregator`, `SelsaBoxHead`) against mmtracking's `SelsaAggregator.forward` / `SelsaBBoxHead.forward`
+transcribed with `bmm`s and permutes, and against a per-proposal loop; the official-checkpoint converter against the key
+manifest tests/fixtures/temporal_roi_align_selsa_troi_r50_dc5_keys.json (written from mmtracking's config and code).
 """
+import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +20,8 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from xwlearn.detection.temporal_roi_align import (most_similar_roi_align, TemporalAttentionAggregation, TemporalRoIAlign,
-                                                  sample_ref_frames, cocovid_key_refs, troi_similarity_bytes)
+                                                  sample_ref_frames, cocovid_key_refs, troi_similarity_bytes, SelsaAggregator,
+                                                  SelsaBoxHead, TRoIFasterRCNN, troi_r50_dc5, convert_mmtracking_troi)
 
 torch.set_num_threads(1)
 D = torch.float64
@@ -214,3 +221,162 @@ def test_adaptive_stride_and_cocovid_pairs():
 def test_similarity_bytes_at_the_paper_shapes():
     assert troi_similarity_bytes(300, 14, 38, 63) == 300 * 49 * 14 * 38 * 63 * 4
     assert 1.8 < troi_similarity_bytes(300, 14) / 2**30 < 1.9 and 0.26 < troi_similarity_bytes(300, 2) / 2**30 < 0.27
+
+
+# ---------------------------------------------------------------- SELSA
+def official_selsa(p, x, ref, heads):
+    "mmtracking's SelsaAggregator.forward, transcribed; p(name) -> (weight, bias) in the official layout."
+    lin = lambda name, t: t @ p(name)[0].T + p(name)[1]
+    roi_n, C = x.shape; ref_n = ref.shape[0]; c = C // heads
+    e = lin('fc_embed', x).view(roi_n, heads, c).permute(1, 0, 2)
+    re_ = lin('ref_fc_embed', ref).view(ref_n, heads, c).permute(1, 2, 0)
+    w = (torch.bmm(e, re_) / c ** 0.5).softmax(dim=2)
+    v = lin('ref_fc', ref).view(ref_n, heads, c).permute(1, 0, 2)
+    return lin('fc', torch.bmm(w, v).permute(1, 0, 2).contiguous().view(roi_n, C))
+
+
+def module_params(m):
+    return lambda name: (getattr(m, name).weight, getattr(m, name).bias)
+
+
+def loop_selsa(m, x, ref):
+    "Per key proposal and head: softmax over reference proposals of scaled embedded dot products."
+    H = m.heads; d = x.shape[1] // H
+    out = []
+    for i in range(len(x)):
+        q, k, v = m.fc_embed(x[i]), m.ref_fc_embed(ref), m.ref_fc(ref)
+        out.append(m.fc(torch.cat([torch.softmax(k[:, h * d:(h + 1) * d] @ q[h * d:(h + 1) * d] / math.sqrt(d), 0)
+                                   @ v[:, h * d:(h + 1) * d] for h in range(H)])))
+    return torch.stack(out)
+
+
+def test_selsa_aggregator_matches_official_form_and_loop():
+    torch.manual_seed(0)
+    m = SelsaAggregator(24, heads=4).double()
+    x, ref = torch.randn(5, 24, dtype=D), torch.randn(11, 24, dtype=D)
+    with torch.no_grad():
+        y = m(x, ref)
+        assert torch.allclose(y, official_selsa(module_params(m), x, ref, 4), atol=1e-12)
+        assert torch.allclose(y, loop_selsa(m, x, ref), atol=1e-12)
+        for perm in (torch.randperm(11), torch.arange(10, -1, -1)):                  # reference order
+            assert torch.allclose(m(x, ref[perm]), y, atol=1e-12)
+        assert torch.equal(m(x, ref[:0]), m.fc.bias.expand(5, 24))                 # no references: fc(0)
+        assert m(x[:0], ref).shape == (0, 24)
+    assert torch.autograd.gradcheck(lambda a, b: m(a, b), (x[:2].requires_grad_(), ref[:3].requires_grad_()))
+    with pytest.raises(ValueError, match="heads: expected a positive divisor of channels=24"):
+        SelsaAggregator(24, heads=5)
+    with pytest.raises(ValueError, match="ref: expected 24 channels like x"):
+        m(x, ref[:, :12])
+
+
+def test_selsa_head_matches_official_form_per_image():
+    torch.manual_seed(1)
+    hd = SelsaBoxHead(3 * 49, 16, num_fcs=3, heads=4).double()
+    xa, xb = torch.randn(4, 3, 7, 7, dtype=D), torch.randn(2, 3, 7, 7, dtype=D)
+    ra, rb = torch.randn(6, 3, 7, 7, dtype=D), torch.randn(5, 3, 7, 7, dtype=D)
+
+    def official(x, ref):
+        x, ref = x.flatten(1), ref.flatten(1)
+        for fc, agg in zip(hd.shared_fcs, hd.aggregator):
+            x, ref = fc(x), fc(ref)
+            x = x + official_selsa(module_params(agg), x, ref, 4)
+            ref, x = F.relu(ref), F.relu(x)
+        return x
+    with torch.no_grad():
+        y = hd(torch.cat([xa, xb]), ref_x=[ra, rb], counts=[4, 2])
+        assert torch.allclose(y, torch.cat([official(xa, ra), official(xb, rb)]), atol=1e-12)
+        assert torch.allclose(hd(xa, ref_x=[ra[[3, 0, 5, 1, 4, 2]]]), y[:4], atol=1e-12)     # reference order
+        assert torch.allclose(hd(xa), official(xa, xa), atol=1e-12)                          # no refs: own proposals
+        assert hd(xa[:0], ref_x=[ra], counts=[0]).shape == (0, 16)                            # zero key proposals
+    with pytest.raises(ValueError, match="ref_x: expected one"):
+        hd(xa, ref_x=[ra, rb], counts=[4])
+
+
+class _Single(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out_channels = torch.nn.Conv2d(3, 16, 3, stride=8, padding=1), 16
+
+    def forward(self, x):
+        return {'0': F.relu(self.conv(x))}
+
+
+def test_selsa_detector_is_invariant_to_reference_order():
+    from torchvision.models.detection.rpn import AnchorGenerator
+    torch.manual_seed(2)
+    det = TRoIFasterRCNN(_Single(), 4, selsa=True, representation=32, selsa_heads=4, min_size=64, max_size=64,
+                         rpn_anchor_generator=AnchorGenerator(((8, 16, 32),), ((0.5, 1., 2.),)),
+                         rpn_pre_nms_top_n_test=40, rpn_post_nms_top_n_test=15, box_score_thresh=0.0).double().eval()
+    im, refs = [torch.rand(3, 64, 64, dtype=D)], torch.rand(3, 3, 64, 64, dtype=D)
+    with torch.no_grad():
+        a, b = det(im, refs=[refs])[0], det(im, refs=[refs[[2, 0, 1]]])[0]
+    assert len(a['scores']) > 0
+    assert torch.allclose(a['scores'], b['scores'], atol=1e-10) and torch.allclose(a['boxes'], b['boxes'], atol=1e-8)
+    assert not det.roi_heads.box_roi_pool.ctx
+
+
+# ---------------------------------------------------------------- official checkpoints
+MANIFEST = Path(__file__).parent / "fixtures" / "temporal_roi_align_selsa_troi_r50_dc5_keys.json"
+
+
+def test_manifest_converts_and_strict_loads_random_weights():
+    "Random weights in the official layout (manifest shapes) -> convert -> strict load; values land where they should."
+    man = json.loads(MANIFEST.read_text())
+    assert "config" in man["written_from"] and man["source"].startswith("open-mmlab/mmtracking@")
+    keys = man["keys"]
+    g = torch.Generator().manual_seed(0)
+    sd = {k: (torch.randn(s, generator=g) if s else torch.tensor(7)) for k, s in keys.items()}
+    with torch.device('meta'):                                          # no init cost; strict load still checks keys and shapes
+        model = troi_r50_dc5()
+    model.load_state_dict(convert_mmtracking_troi(dict(state_dict=sd, meta={})), strict=True, assign=True)
+    st = model.state_dict()
+    p = 'detector.roi_head.bbox_head.'
+    assert torch.equal(st['roi_heads.box_predictor.cls_score.weight'][0], sd[p + 'fc_cls.weight'][30])      # background
+    assert torch.equal(st['roi_heads.box_predictor.cls_score.weight'][1:], sd[p + 'fc_cls.weight'][:30])
+    assert torch.equal(st['roi_heads.box_predictor.bbox_pred.weight'][4:], sd[p + 'fc_reg.weight'])
+    assert st['roi_heads.box_predictor.bbox_pred.bias'][:4].abs().max() == 0
+    assert torch.equal(st['backbone.layer4.2.conv3.weight'], sd['detector.backbone.layer4.2.conv3.weight'])
+    assert torch.equal(st['backbone.neck.weight'], sd['detector.neck.convs.0.conv.weight'])
+    assert torch.equal(st['rpn.head.cls_logits.bias'], sd['detector.rpn_head.rpn_cls.bias'])
+    assert torch.equal(st['roi_heads.box_roi_pool.aggregate.embed.weight'],
+                       sd['detector.roi_head.bbox_roi_extractor.embed_network.conv.weight'])
+    assert model.roi_heads.box_coder.weights == (5.0, 5.0, 5.0, 5.0)
+    assert model.backbone.layer4[0].conv2.dilation == (2, 2) and model.backbone.layer4[0].conv2.stride == (1, 1)
+    with pytest.raises(ValueError, match="state_dict: expected mmtracking SELSA/TRoI keys, got 1 unknown"):
+        convert_mmtracking_troi({**sd, 'detector.roi_head.mask_head.conv.weight': torch.zeros(1)})
+
+
+def test_converted_head_and_tafa_equal_the_official_computation():
+    "Small official-layout tensors (float64): the converted SELSA head + predictor and TAFA vs the official formulas."
+    g = torch.Generator().manual_seed(1)
+    C, Dm, NH, NC, p = 4, 16, 2, 3, 'detector.roi_head.bbox_head.'
+    sd = {p + f'shared_fcs.{i}.weight': torch.randn(Dm, C * 49 if i == 0 else Dm, generator=g, dtype=D) / 4 for i in range(3)}
+    sd |= {p + f'shared_fcs.{i}.bias': torch.randn(Dm, generator=g, dtype=D) for i in range(3)}
+    sd |= {p + f'aggregator.{i}.{m}.{s}': torch.randn(*((Dm, Dm) if s == 'weight' else (Dm,)), generator=g, dtype=D) / 4
+           for i in range(3) for m in ('fc_embed', 'ref_fc_embed', 'fc', 'ref_fc') for s in ('weight', 'bias')}
+    sd |= {p + 'fc_cls.weight': torch.randn(NC + 1, Dm, generator=g, dtype=D), p + 'fc_cls.bias': torch.randn(NC + 1, generator=g, dtype=D),
+           p + 'fc_reg.weight': torch.randn(NC * 4, Dm, generator=g, dtype=D), p + 'fc_reg.bias': torch.randn(NC * 4, generator=g, dtype=D)}
+    e = 'detector.roi_head.bbox_roi_extractor.embed_network.conv.'
+    sd |= {e + 'weight': torch.randn(C, C, 3, 3, generator=g, dtype=D) / 4, e + 'bias': torch.randn(C, generator=g, dtype=D)}
+    head = SelsaBoxHead(C * 49, Dm, 3, NH).double()
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    pred, tafa = FastRCNNPredictor(Dm, NC + 1).double(), TemporalAttentionAggregation(C, 4).double()
+    conv = convert_mmtracking_troi(sd)
+    for mod, pre in [(head, 'roi_heads.box_head.'), (pred, 'roi_heads.box_predictor.'), (tafa, 'roi_heads.box_roi_pool.aggregate.')]:
+        mod.load_state_dict({k[len(pre):]: v for k, v in conv.items() if k.startswith(pre)}, strict=True)
+    x, ref = torch.randn(5, C, 7, 7, generator=g, dtype=D), torch.randn(8, C, 7, 7, generator=g, dtype=D)
+    prm = lambda i: (lambda name: (sd[p + f'aggregator.{i}.{name}.weight'], sd[p + f'aggregator.{i}.{name}.bias']))
+    h, r = x.flatten(1), ref.flatten(1)
+    for i in range(3):                                                   # SelsaBBoxHead.forward, official tensors
+        W, b = sd[p + f'shared_fcs.{i}.weight'], sd[p + f'shared_fcs.{i}.bias']
+        h, r = h @ W.T + b, r @ W.T + b
+        h = h + official_selsa(prm(i), h, r, NH)
+        r, h = F.relu(r), F.relu(h)
+    ocls, oreg = h @ sd[p + 'fc_cls.weight'].T + sd[p + 'fc_cls.bias'], h @ sd[p + 'fc_reg.weight'].T + sd[p + 'fc_reg.bias']
+    with torch.no_grad():
+        cls, reg = pred(head(x, ref_x=[ref]))
+        assert torch.allclose(cls[:, 1:], ocls[:, :NC], atol=1e-12) and torch.allclose(cls[:, 0], ocls[:, NC], atol=1e-12)
+        assert torch.allclose(reg[:, 4:], oreg, atol=1e-12) and reg[:, :4].abs().max() == 0
+        refs = torch.randn(2, 5, C, 7, 7, generator=g, dtype=D)
+        emb = lambda z: F.conv2d(z, sd[e + 'weight'], sd[e + 'bias'], padding=1)
+        assert torch.allclose(tafa(x, refs), official_tafa(emb, x[None], refs, 4), atol=1e-12)

@@ -6,22 +6,45 @@ Docs: https://xwlearn.github.io/xwlearn/50_detection/detection.temporal_roi_alig
 
 # %% ../../nbs/50_detection/40_detection.temporal_roi_align.ipynb #8eb9a886
 from __future__ import annotations
-import math, random
+import math, random, re
 
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
-from torchvision.ops import roi_align
+from torchvision.ops import roi_align, FrozenBatchNorm2d
+from torchvision.models import resnet50
+from torchvision.models.detection.rpn import AnchorGenerator as _AnchorGenerator
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
 # %% auto #0
-__all__ = ['most_similar_roi_align', 'TemporalAttentionAggregation', 'TemporalRoIAlign', 'TRoIFasterRCNN', 'sample_ref_frames',
-           'cocovid_key_refs', 'troi_similarity_bytes']
+__all__ = ['most_similar_inputs', 'most_similar_recompose', 'most_similar_roi_align', 'TemporalAttentionAggregation',
+           'TemporalRoIAlign', 'SelsaAggregator', 'SelsaBoxHead', 'TRoIFasterRCNN', 'sample_ref_frames',
+           'cocovid_key_refs', 'troi_similarity_bytes', 'R50DC5', 'troi_r50_dc5', 'convert_mmtracking_troi']
 
 # %% ../../nbs/50_detection/40_detection.temporal_roi_align.ipynb #06cea57e
 def _check(name:str, t, ndim:int, what:str):
     if not isinstance(t, Tensor): raise TypeError(f"{name}: expected a Tensor {what}, got {type(t).__name__}")
     if t.ndim != ndim: raise ValueError(f"{name}: expected a {ndim}-d Tensor {what}, got shape {tuple(t.shape)}")
+
+def most_similar_inputs(roi_feats:Tensor, ref_feats:Tensor, k:int, eps:float=1e-12):
+    "Checked inputs of the most-similar align → (q (P, C) unit RoI pixels, r (T, HW, C) reference pixels, rn (r normalised)); P = n·h·w."
+    _check('roi_feats', roi_feats, 4, '(n, C, h, w)'); _check('ref_feats', ref_feats, 4, '(T, C, H, W)')
+    n, c, h, w = roi_feats.shape; T, c2, H, W = ref_feats.shape
+    if c2 != c: raise ValueError(f"ref_feats: expected {c} channels like roi_feats, got {c2}")
+    if not (isinstance(k, int) and 1 <= k <= H * W): raise ValueError(f"k: expected an int in [1, H*W={H * W}], got {k!r}")
+    q = F.normalize(roi_feats, dim=1, eps=eps).permute(0, 2, 3, 1).reshape(-1, c)       # (P, C), P = n*h*w
+    r = ref_feats.flatten(2).transpose(1, 2)                                             # (T, HW, C) unnormalised
+    return q, r, F.normalize(r, dim=2, eps=eps)
+
+def most_similar_recompose(q:Tensor, r:Tensor, rn:Tensor, # as `most_similar_inputs` returns them
+                           idx:Tensor, # (P, T, k) chosen flat positions
+                          ) -> Tensor: # (P, T, C)
+    "The differentiable half: softmax over the chosen positions' similarities, weighted sum of the unnormalised reference pixels there."
+    t = torch.arange(r.shape[0], device=r.device)[None, :, None]
+    wgt = torch.einsum('pc,ptkc->ptk', q, rn[t, idx]).softmax(-1)                       # (P, T, k)
+    return torch.einsum('ptk,ptkc->ptc', wgt, r[t, idx])                                 # (P, T, C)
 
 def most_similar_roi_align(roi_feats:Tensor, # (n, C, h, w) key-frame RoI features (RoIAlign output)
                            ref_feats:Tensor, # (T, C, H, W) reference-frame feature maps (one level)
@@ -30,13 +53,8 @@ def most_similar_roi_align(roi_feats:Tensor, # (n, C, h, w) key-frame RoI featur
                            return_index:bool=False, # also return the chosen flat positions (n*h*w, T, k), best first
                           ) -> Tensor: # (T, n, C, h, w); or (that, index)
     "Most-similar RoI align in plain PyTorch — the oracle: cosine similarity of every RoI pixel to every reference pixel, top-`k` per frame (ties → lowest position), softmax-weighted sum."
-    _check('roi_feats', roi_feats, 4, '(n, C, h, w)'); _check('ref_feats', ref_feats, 4, '(T, C, H, W)')
-    n, c, h, w = roi_feats.shape; T, c2, H, W = ref_feats.shape
-    if c2 != c: raise ValueError(f"ref_feats: expected {c} channels like roi_feats, got {c2}")
-    if not (isinstance(k, int) and 1 <= k <= H * W): raise ValueError(f"k: expected an int in [1, H*W={H * W}], got {k!r}")
-    q = F.normalize(roi_feats, dim=1, eps=eps).permute(0, 2, 3, 1).reshape(-1, c)       # (P, C), P = n*h*w
-    r = ref_feats.flatten(2).transpose(1, 2)                                             # (T, HW, C) unnormalised
-    rn = F.normalize(r, dim=2, eps=eps)
+    q, r, rn = most_similar_inputs(roi_feats, ref_feats, k, eps)
+    n, c, h, w = roi_feats.shape; T = ref_feats.shape[0]
     with torch.no_grad():                                   # the (P, T, HW) similarities: selection only, no graph kept
         S = torch.einsum('pc,tsc->pts', q, rn)
         idx = []
@@ -44,10 +62,7 @@ def most_similar_roi_align(roi_feats:Tensor, # (n, C, h, w) key-frame RoI featur
             i = S.argmax(-1, keepdim=True); idx.append(i); S.scatter_(-1, i, -math.inf)
         idx = torch.cat(idx, -1) if idx else S.new_zeros(S.shape[:2] + (0,), dtype=torch.long)
         del S
-    t = torch.arange(T, device=r.device)[None, :, None]
-    wgt = torch.einsum('pc,ptkc->ptk', q, rn[t, idx]).softmax(-1)                       # (P, T, k)
-    y = torch.einsum('ptk,ptkc->ptc', wgt, r[t, idx])                                    # (P, T, C)
-    y = y.reshape(n, h, w, T, c).permute(3, 0, 4, 1, 2)
+    y = most_similar_recompose(q, r, rn, idx).reshape(n, h, w, T, c).permute(3, 0, 4, 1, 2)
     return (y, idx) if return_index else y
 
 # %% ../../nbs/50_detection/40_detection.temporal_roi_align.ipynb #12e4d8da
@@ -83,10 +98,13 @@ class TemporalRoIAlign(nn.Module):
                  k:int=2, # `num_most_similar_points`
                  blocks:int=4, # `num_temporal_attention_blocks` (0: mean over frames)
                  chunk:int|None=None, # RoIs per most-similar call (bounds the similarity tensor); None: all at once
+                 align_fn=None, # the most-similar align (signature of `most_similar_roi_align`); None: this module's oracle
                 ):
         super().__init__()
         self.featmap_name, self.output_size, self.sampling_ratio, self.k, self.chunk = featmap_name, output_size, sampling_ratio, k, chunk
         self.aggregate = TemporalAttentionAggregation(channels, blocks)
+        self.align_fn = align_fn or most_similar_roi_align   # e.g. the Triton kernel `xwlearn.kernels.temporal_roi_align`
+        self.ctx = {}           # per-forward context shared with the box head (not a module: no parameters)
         self.ref_feats = None   # set by `TRoIFasterRCNN` for one forward: a list with one (T, C, H, W) per image
 
     def pool(self, features:dict, proposals:list, image_shapes:list) -> Tensor:
@@ -98,6 +116,7 @@ class TemporalRoIAlign(nn.Module):
 
     def forward(self, features:dict, proposals:list, image_shapes:list, ref_feats:list|None=None) -> Tensor:
         x = self.pool(features, proposals, image_shapes)
+        self.ctx['counts'] = [len(p) for p in proposals]     # read by a SELSA box head sharing `ctx`
         refs = self.ref_feats if ref_feats is None else ref_feats
         if refs is None: return x
         if len(refs) != len(proposals): raise ValueError(f"ref_feats: expected one (T, C, H, W) per image ({len(proposals)}), got {len(refs)}")
@@ -105,35 +124,111 @@ class TemporalRoIAlign(nn.Module):
         for xi, ri in zip(x.split([len(p) for p in proposals]), refs):
             if ri.shape[0] == 0: out.append(xi); continue             # T = 0: TAFA's softmax over one frame is 1
             n, step = xi.shape[0], self.chunk or max(xi.shape[0], 1)   # zero proposals still go through (once, empty)
-            y = torch.cat([most_similar_roi_align(xi[s:s + step], ri, self.k) for s in range(0, max(n, 1), step)], 1)
+            y = torch.cat([self.align_fn(xi[s:s + step], ri, self.k) for s in range(0, max(n, 1), step)], 1)
             out.append(self.aggregate(xi, y))
         return torch.cat(out) if out else x
 
+# %% ../../nbs/50_detection/40_detection.temporal_roi_align.ipynb #5e5d1cad
+class SelsaAggregator(nn.Module):
+    "SELSA: multi-head attention of key proposal features over reference proposal features (mmtracking `SelsaAggregator`)."
+    def __init__(self, channels:int, # D of the proposal features (the official: 1024, the fc width)
+                 heads:int=16, # `num_attention_blocks`
+                ):
+        super().__init__()
+        if not isinstance(heads, int) or heads < 1 or channels % heads:
+            raise ValueError(f"heads: expected a positive divisor of channels={channels}, got {heads!r}")
+        self.heads = heads
+        self.fc_embed, self.ref_fc_embed = nn.Linear(channels, channels), nn.Linear(channels, channels)
+        self.fc, self.ref_fc = nn.Linear(channels, channels), nn.Linear(channels, channels)
+
+    def forward(self, x:Tensor, # (N, D) key proposals
+                ref:Tensor, # (M, D) reference proposals
+               ) -> Tensor: # (N, D)
+        _check('x', x, 2, '(N, D)'); _check('ref', ref, 2, '(M, D)')
+        if ref.shape[1] != x.shape[1]: raise ValueError(f"ref: expected {x.shape[1]} channels like x, got {ref.shape[1]}")
+        (N, D), M, H = x.shape, ref.shape[0], self.heads
+        q = self.fc_embed(x).view(N, H, D // H).transpose(0, 1)                # (H, N, d)
+        k = self.ref_fc_embed(ref).view(M, H, D // H).permute(1, 2, 0)         # (H, d, M)
+        a = (q @ k / math.sqrt(D // H)).softmax(-1)                            # (H, N, M)
+        v = self.ref_fc(ref).view(M, H, D // H).transpose(0, 1)                # (H, M, d)
+        return self.fc((a @ v).transpose(0, 1).reshape(N, D))
+
+# %% ../../nbs/50_detection/40_detection.temporal_roi_align.ipynb #85a60ed7
+class SelsaBoxHead(nn.Module):
+    "mmtracking's `SelsaBBoxHead` trunk as a torchvision `box_head`: shared fcs, each followed by a SELSA aggregation over the reference proposals."
+    def __init__(self, in_channels:int, # C·7·7 of the pooled RoI features
+                 representation:int=1024, # fc width (`fc_out_channels`)
+                 num_fcs:int=3, # `num_shared_fcs` (SELSA + TRoI: 3; SELSA alone: 2)
+                 heads:int=16, # the aggregators' `num_attention_blocks`
+                ):
+        super().__init__()
+        self.shared_fcs = nn.ModuleList([nn.Linear(in_channels if i == 0 else representation, representation) for i in range(num_fcs)])
+        self.aggregator = nn.ModuleList([SelsaAggregator(representation, heads) for _ in range(num_fcs)])
+        self.ctx = {}       # set by the model for one forward: 'counts' (key proposals per image), 'ref_rois' (per image)
+
+    def forward(self, x:Tensor, # (N, C, 7, 7) pooled key proposals of all images
+                ref_x:list|None=None, # per image (M_i, C, 7, 7) reference proposals; None: ctx['ref_rois'], else each image's own proposals
+                counts:list|None=None, # key proposals per image; None: ctx['counts'], else one image
+               ) -> Tensor: # (N, representation)
+        ref_x = self.ctx.get('ref_rois') if ref_x is None else ref_x
+        counts = self.ctx.get('counts', [len(x)]) if counts is None else counts
+        if sum(counts) != len(x): raise ValueError(f"counts: expected per-image key proposal counts summing to {len(x)}, got {counts}")
+        xs = list(x.flatten(1).split(counts))
+        rs = [r.flatten(1) for r in ref_x] if ref_x is not None else [xi for xi in xs]   # no references: the key frame's own
+        if len(rs) != len(xs): raise ValueError(f"ref_x: expected one (M, C, 7, 7) per image ({len(xs)}), got {len(rs)}")
+        for fc, agg in zip(self.shared_fcs, self.aggregator):
+            xs, rs = [fc(xi) for xi in xs], [fc(ri) for ri in rs]
+            xs = [F.relu(xi + agg(xi, ri)) for xi, ri in zip(xs, rs)]
+            rs = [F.relu(ri) for ri in rs]
+        return torch.cat(xs) if xs else x.new_zeros(0, self.shared_fcs[-1].out_features)
+
 # %% ../../nbs/50_detection/40_detection.temporal_roi_align.ipynb #2d4d5f41
 class TRoIFasterRCNN(FasterRCNN):
-    "torchvision Faster R-CNN whose `box_roi_pool` is a `TemporalRoIAlign`; `forward(images, targets, refs)` with `refs` a list of (T_i, 3, H, W) reference frames per key image."
-    def __init__(self, backbone:nn.Module, num_classes:int, k:int=2, blocks:int=4, featmap_name:str='0', chunk:int|None=None, **kwargs):
-        pool = TemporalRoIAlign(backbone.out_channels, featmap_name, 7, 2, k=k, blocks=blocks, chunk=chunk)
+    "torchvision Faster R-CNN whose `box_roi_pool` is a `TemporalRoIAlign` (and, with `selsa=True`, whose box head is `SelsaBoxHead`); `forward(images, targets, refs)` with `refs` a list of (T_i, 3, H, W) reference frames per key image."
+    def __init__(self, backbone:nn.Module, num_classes:int, k:int=2, blocks:int=4, featmap_name:str='0', chunk:int|None=None,
+                 selsa:bool=False, # SELSA box head (mmtracking's SELSA + TRoI); False: torchvision's TwoMLPHead
+                 selsa_fcs:int=3, selsa_heads:int=16, representation:int=1024, align_fn=None, **kwargs):
+        pool = TemporalRoIAlign(backbone.out_channels, featmap_name, 7, 2, k=k, blocks=blocks, chunk=chunk, align_fn=align_fn)
+        if selsa:
+            kwargs['box_head'] = SelsaBoxHead(backbone.out_channels * 49, representation, selsa_fcs, selsa_heads)
+            kwargs.setdefault('box_predictor', FastRCNNPredictor(representation, num_classes))
+            num_classes = None if kwargs['box_predictor'] is not None else num_classes
         super().__init__(backbone, num_classes, **kwargs)
         self.roi_heads.box_roi_pool = pool      # torchvision's constructor accepts only a MultiScaleRoIAlign
+        self.selsa = selsa
+        if selsa: self.roi_heads.box_head.ctx = pool.ctx                     # key proposal counts flow pool -> head
 
     def ref_features(self, refs:list) -> list:
         "The reference frames through the same transform and backbone: one (T_i, C, H', W') per key image."
-        n = [len(r) for r in refs]
+        return self._refs(refs)[0]
+
+    def _refs(self, refs:list):
+        "Reference feature maps per key image and, for SELSA, their RPN proposals (test mode) pooled by plain RoIAlign."
+        n, pool = [len(r) for r in refs], self.roi_heads.box_roi_pool
         if not sum(n):
-            c = self.roi_heads.box_roi_pool.aggregate.channels
-            return [refs[0].new_zeros(0, c, 1, 1) for _ in refs]
+            c = pool.aggregate.channels
+            return [refs[0].new_zeros(0, c, 1, 1) for _ in refs], None      # SELSA: each image's own proposals
         ims, _ = self.transform([im for r in refs for im in r])
-        f = self.backbone(ims.tensors)[self.roi_heads.box_roi_pool.featmap_name]
-        return list(f.split(n))
+        feats = self.backbone(ims.tensors)
+        f = feats[pool.featmap_name]
+        if not self.selsa: return list(f.split(n)), None
+        was = self.rpn.training
+        try:
+            self.rpn.eval()
+            with torch.no_grad(): props, _ = self.rpn(ims, feats)              # the official `simple_test_rpn`
+        finally: self.rpn.train(was)
+        rois = pool.pool(feats, props, ims.image_sizes)                         # plain RoIAlign, no TRoI
+        per_frame = [len(p) for p in props]
+        per_image = [sum(per_frame[sum(n[:i]):sum(n[:i + 1])]) for i in range(len(n))]
+        return list(f.split(n)), list(rois.split(per_image))
 
     def forward(self, images, targets=None, refs:list|None=None):
         pool = self.roi_heads.box_roi_pool
         if refs is None: return super().forward(images, targets)
         if len(refs) != len(images): raise ValueError(f"refs: expected one (T, 3, H, W) per image ({len(images)}), got {len(refs)}")
-        pool.ref_feats = self.ref_features(refs)
+        pool.ref_feats, pool.ctx['ref_rois'] = self._refs(refs)
         try: return super().forward(images, targets)
-        finally: pool.ref_feats = None
+        finally: pool.ref_feats = None; pool.ctx.clear()
 
 # %% ../../nbs/50_detection/40_detection.temporal_roi_align.ipynb #ad443052
 def sample_ref_frames(frame_id:int, # the key frame's index in its video
@@ -176,3 +271,56 @@ def cocovid_key_refs(videos:dict, # `read_cocovid(...)['videos']`: {video id: {'
 def troi_similarity_bytes(n_rois:int=300, T:int=14, H:int=38, W:int=63, roi:int=7, dtype_bytes:int=4) -> int:
     "Bytes of the naive cosine-similarity tensor (n_rois·roi², T·H·W)."
     return n_rois * roi * roi * T * H * W * dtype_bytes
+
+# %% ../../nbs/50_detection/40_detection.temporal_roi_align.ipynb #95af16d9
+class R50DC5(nn.Module):
+    "The official TRoI backbone: ResNet-50 whose last stage is dilated (stride 16, 'DC5'), frozen BN, then mmdet's `ChannelMapper` (3×3 conv to 512 + ReLU)."
+    def __init__(self, out_channels:int=512):
+        super().__init__()
+        r = resnet50(weights=None, norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, True])
+        r.layer4[0].conv2.dilation, r.layer4[0].conv2.padding = (2, 2), (2, 2)   # mmdet dilates the stage's first block too
+        self.conv1, self.bn1, self.relu, self.maxpool = r.conv1, r.bn1, r.relu, r.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = r.layer1, r.layer2, r.layer3, r.layer4
+        self.neck, self.out_channels = nn.Conv2d(2048, out_channels, 3, padding=1), out_channels
+
+    def forward(self, x:Tensor) -> dict:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return {'0': F.relu(self.neck(x))}
+
+def troi_r50_dc5(num_classes:int=30, # foreground classes (ImageNet VID: 30)
+                 selsa:bool=True, **kwargs) -> TRoIFasterRCNN:
+    "mmtracking's `selsa_troialign_faster_rcnn_r50_dc5_7e_imagenetvid` settings on torchvision pieces (randomly initialised)."
+    kw = dict(min_size=600, max_size=1000, rpn_anchor_generator=_AnchorGenerator(((64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
+              rpn_pre_nms_top_n_train=6000, rpn_post_nms_top_n_train=600, rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=300,
+              box_score_thresh=1e-4, box_nms_thresh=0.5, box_detections_per_img=100, box_batch_size_per_image=256,
+              box_positive_fraction=0.25) | kwargs
+    m = TRoIFasterRCNN(R50DC5(), num_classes + 1, k=2, blocks=4, selsa=selsa, selsa_fcs=3, selsa_heads=16, representation=1024, **kw)
+    m.roi_heads.box_coder = BoxCoder((5.0, 5.0, 5.0, 5.0))                  # target_stds 0.2
+    return m
+
+# %% ../../nbs/50_detection/40_detection.temporal_roi_align.ipynb #86ba7d60
+_MMT_RULES = [(r'backbone\.(.+)', r'backbone.\1'), (r'neck\.convs\.0\.conv\.(weight|bias)', r'backbone.neck.\1'),
+              (r'rpn_head\.rpn_conv\.(weight|bias)', r'rpn.head.conv.0.0.\1'),
+              (r'rpn_head\.rpn_cls\.(weight|bias)', r'rpn.head.cls_logits.\1'),
+              (r'rpn_head\.rpn_reg\.(weight|bias)', r'rpn.head.bbox_pred.\1'),
+              (r'roi_head\.bbox_roi_extractor\.embed_network\.conv\.(weight|bias)', r'roi_heads.box_roi_pool.aggregate.embed.\1'),
+              (r'roi_head\.bbox_head\.((?:shared_fcs|aggregator)\..+)', r'roi_heads.box_head.\1'),
+              (r'roi_head\.bbox_head\.fc_cls\.(weight|bias)', r'roi_heads.box_predictor.cls_score.\1'),
+              (r'roi_head\.bbox_head\.fc_reg\.(weight|bias)', r'roi_heads.box_predictor.bbox_pred.\1')]
+
+def convert_mmtracking_troi(state_dict:dict, # an mmtracking SELSA / SELSA+TRoI `state_dict` (or a checkpoint dict holding one)
+                           ) -> dict: # a `state_dict` for `troi_r50_dc5(selsa=True)` (any subset of the official keys maps to its subset)
+    "Official mmtracking (mmdet 2.x) key layout → `TRoIFasterRCNN`: renames, background class moved first, a zero background box regressor."
+    sd = state_dict.get('state_dict', state_dict)
+    out, unknown = {}, []
+    for key, v in sd.items():
+        k = key[len('detector.'):] if key.startswith('detector.') else key
+        if k.endswith('num_batches_tracked'): continue                       # FrozenBatchNorm2d keeps no counter
+        new = next((re.sub(p, r, k) for p, r in _MMT_RULES if re.fullmatch(p, k)), None)
+        if new is None: unknown.append(key); continue
+        if k.startswith('roi_head.bbox_head.fc_cls.'): v = torch.cat([v[-1:], v[:-1]])   # background last -> first
+        if k.startswith('roi_head.bbox_head.fc_reg.'): v = torch.cat([v.new_zeros((4,) + v.shape[1:]), v])
+        out[new] = v
+    if unknown: raise ValueError(f"state_dict: expected mmtracking SELSA/TRoI keys, got {len(unknown)} unknown: {unknown[:5]}")
+    return out
