@@ -16,14 +16,14 @@ from torchvision.models.detection.rpn import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import TwoMLPHead, FastRCNNPredictor
 
 from ..core import reproduction, recipe, better, equivalent, Measured, set_seed
-from ..detection.temporal_roi_align import TRoIFasterRCNN, sample_ref_frames
+from ..detection.temporal_roi_align import TRoIFasterRCNN, sample_ref_frames, troi_r50_dc5
 from ..vision.scenes import make_clips
 from ..vision.evaluation import coco_evaluate
 from ..vision.layers import TinyBackbone
 from .kit import save_fig, seeds_line, step_schedule
 
 # %% auto #0
-__all__ = ['TROI_ARMS', 'degraded_frames', 'troi_clips', 'tiny_troi_rcnn', 'troi_reproduction', 'VIDKeyRefs', 'troi_r50_dc5',
+__all__ = ['TROI_ARMS', 'degraded_frames', 'troi_clips', 'tiny_troi_rcnn', 'troi_reproduction', 'VIDKeyRefs', 'troi_vid_r50',
            'troi_imagenet_vid_r50']
 
 # %% ../../nbs/50_detection/40a_repro.temporal_roi_align.ipynb #a1e336cc
@@ -220,30 +220,28 @@ class _RefsFromTargets(nn.Module):
         finally:
             if flip: object.__setattr__(self.det, 'training', False)
 
-def troi_r50_dc5(num_classes:int=31, pretrained:bool=True, size:int=600, max_size:int=1000) -> TRoIFasterRCNN:
-    "TRoI Faster R-CNN R50-DC5 as the official config (without SELSA): frozen stem + stage 1 and BN, dilated stage 4, 3×3 mapper to 512."
-    from torchvision.models import resnet50, ResNet50_Weights
-    from torchvision.ops import FrozenBatchNorm2d
-    r = resnet50(weights=ResNet50_Weights.IMAGENET1K_V1 if pretrained else None, norm_layer=FrozenBatchNorm2d,
-                 replace_stride_with_dilation=[False, False, True])
-    for m in (r.conv1, r.layer1):
+def troi_vid_r50(num_classes:int=30, # foreground classes (ImageNet VID: 30)
+                 pretrained:bool=True, size:int=600, max_size:int=1000, selsa:bool=True) -> TRoIFasterRCNN:
+    "The paper module's `troi_r50_dc5` (SELSA + TRoI, the official checkpoints' layout) with ImageNet weights in the backbone, stem and stage 1 frozen."
+    det = troi_r50_dc5(num_classes, selsa=selsa, min_size=size, max_size=max_size)
+    if pretrained:
+        from torchvision.models import ResNet50_Weights
+        sd = {k: v for k, v in ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=True).items() if not k.startswith('fc.')}
+        missing, unexpected = det.backbone.load_state_dict(sd, strict=False)
+        if unexpected or any(not k.startswith('neck.') for k in missing):
+            raise RuntimeError(f"ImageNet ResNet-50 weights did not fit R50DC5: missing {missing}, unexpected {unexpected}")
+    for m in (det.backbone.conv1, det.backbone.layer1):                 # frozen_stages=1
         for p_ in m.parameters(): p_.requires_grad_(False)
-    class DC5(nn.Module):
-        def __init__(self):
-            super().__init__(); self.body = nn.Sequential(*list(r.children())[:-2])
-            self.mapper, self.out_channels = nn.Sequential(nn.Conv2d(2048, 512, 3, padding=1), nn.ReLU(inplace=True)), 512
-        def forward(self, x): return {'0': self.mapper(self.body(x))}
-    return TRoIFasterRCNN(DC5(), None, k=2, blocks=4, min_size=size, max_size=max_size,
-                          rpn_anchor_generator=AnchorGenerator(((64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
-                          box_head=TwoMLPHead(512 * 49, 1024), box_predictor=FastRCNNPredictor(1024, num_classes))
+    return det
+
 
 # %% ../../nbs/50_detection/40a_repro.temporal_roi_align.ipynb #f987ff88
 @recipe('temporal_roi_align_imagenet_vid_faster_rcnn_r50', paper='temporal_roi_align', dataset='imagenet_vid', epochs=7, smoke_epochs=1,
-        description="TRoI Faster R-CNN R50-DC5 (no SELSA) on ImageNet VID + DET at 600/1000: 2 references (±9 frames), K=2, "
+        description="SELSA + TRoI Faster R-CNN R50-DC5 on ImageNet VID + DET at 600/1000: 2 references (±9 frames), K=2, "
                     "4 TAFA blocks; SGD lr 0.01 per 8 images, momentum 0.9, wd 1e-4, 500-iteration warm-up, ×0.1 after epochs 2 "
                     "and 5, grad clip 35, 1 image per process — the official selsa_troialign_faster_rcnn_r50_dc5_7e_imagenetvid.py")
 def troi_imagenet_vid_r50(data:Path, epochs:int=7, smoke:bool=False, bs:int=1):
-    "The paper's ImageNet VID run (TRoI without SELSA); `smoke`: 64-px images, 2/1 key frames, no pretrained backbone, CPU."
+    "The paper's ImageNet VID run (SELSA + TRoI, as the official checkpoints); `smoke`: 64-px images, 2/1 key frames, no pretrained backbone, CPU."
     import os
     from functools import partial
     from fastai.callback.training import GradientClip
@@ -257,7 +255,7 @@ def troi_imagenet_vid_r50(data:Path, epochs:int=7, smoke:bool=False, bs:int=1):
     kw = dict(create_batch=detection_collate, num_workers=0 if smoke else 8)
     dls = DetectionDataLoaders(SeededDL(trn, bs=bs, shuffle=True, drop_last=len(trn) > bs, seed=0, **kw), SeededDL(val, bs=bs, **kw),
                                device='cpu' if smoke else ('cuda' if torch.cuda.is_available() else 'cpu'))
-    det = troi_r50_dc5(len(trn.cats) + 1, pretrained=not smoke, size=size, max_size=max_size)
+    det = troi_vid_r50(len(trn.cats), pretrained=not smoke, size=size, max_size=max_size)
     lr = 0.01 * bs * int(os.environ.get('WORLD_SIZE', 1)) / 8
     warm = min(500 / max(len(dls.train), 1), epochs / 2)
     sched = step_schedule(lr, [2 * epochs / 7, 5 * epochs / 7], epochs, warmup=warm)
