@@ -14,12 +14,14 @@ from torch import nn, Tensor
 from torchvision.ops import box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from ..vision.layers import Scale, distance2box, hungarian_assign, level_points, nms, quality_focal_loss
-from ..vision.detr import inverse_sigmoid, sine_embed
+from ..vision.detr import dn_queries, inverse_sigmoid
 
 # %% auto #0
-__all__ = ['DDQ_FCN_MODES', 'distinct_queries', 'ddq_cost', 'ddq_targets', 'ddq_set_loss', 'pyramid_shuffle', 'DDQFCNHead',
-           'topk_per_level', 'DDQFCN', 'select_proposals', 'reselect_distinct', 'distinct_attn_mask', 'ddq_decode',
-           'DDQRCNN', 'DDQDETR', 'convert_official_ddq_fcn']
+__all__ = ['DDQ_FCN_MODES', 'DDQ_MASK_MODES', 'distinct_queries', 'ddq_cost', 'ddq_targets', 'ddq_set_loss', 'pyramid_shuffle',
+           'DDQFCNHead', 'topk_per_level', 'DDQFCN', 'select_proposals', 'reselect_distinct', 'distinct_attn_mask',
+           'mask_sine_embed', 'box_sine_embed', 'ddq_decode', 'ddq_head', 'DynamicConv', 'DIIHead', 'delta_xywh_decode',
+           'roi_extract', 'DDQRCNN', 'ChannelMapper', 'DDQDETR', 'two_stage_anchors', 'ddq_detr_loss',
+           'convert_official_ddq_fcn', 'convert_official_ddq_detr', 'convert_official_ddq_rcnn_roi_head']
 
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #761ee65b
 def distinct_queries(boxes:Tensor, # (N, 4) xyxy boxes of the dense queries of one image
@@ -148,13 +150,13 @@ def _apply(self:DDQFCNHead, br:nn.ModuleDict, cls_feats:list, reg_feats:list) ->
     return dict(score=torch.cat(score, 1), ltrb=torch.cat(ltrb, 1))
 
 def _head_forward(self:DDQFCNHead, feats:list) -> dict:
-    "dict(main=dict(score (B, N, K) probabilities, ltrb (B, N, 4) pixels), aux=... or None, sizes); N runs over all levels, finest first."
+    "dict(main=dict(score (B, N, K) probabilities, ltrb (B, N, 4) pixels), aux=... or None, sizes, towers=(cls maps, reg maps) per level); N runs over all levels, finest first."
     if len(feats) != len(self.strides): raise ValueError(f"feats: expected {len(self.strides)} levels, got {len(feats)}")
     c, r = list(feats), list(feats)
     for i, conv in enumerate(self.cls_convs): c = [conv(f) for f in (pyramid_shuffle(c, self.shuffle) if i in self.cls_shuffled else c)]
     for i, conv in enumerate(self.reg_convs): r = [conv(f) for f in (pyramid_shuffle(r, self.shuffle) if i in self.reg_shuffled else r)]
     aux = _apply(self, self.aux, c, r) if self.training and self.aux is not None else None
-    return dict(main=_apply(self, self.main, c, r), aux=aux, sizes=[tuple(f.shape[-2:]) for f in feats])
+    return dict(main=_apply(self, self.main, c, r), aux=aux, sizes=[tuple(f.shape[-2:]) for f in feats], towers=(c, r))
 DDQFCNHead.forward = _head_forward
 
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #bab9f713
@@ -290,64 +292,199 @@ def reselect_distinct(boxes:Tensor, # (B, Q, 4) cxcywh: the boxes the previous d
     return new
 
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #15c55a4c
+DDQ_MASK_MODES = ('official', 'cut')
+
 def distinct_attn_mask(alive:Tensor, # (B, Q) bool: distinct queries still alive
                        n_heads:int, # heads of the self-attention
                        n_dense:int=0, # dense queries appended after the distinct ones (training)
                        dn_mask:Tensor|None=None, # (N + Q, N + Q) bool: the denoising mask of `dn_queries` (N dn queries first)
+                       mode:str='official', # 'official': only pairs of removed queries are blocked; 'cut': removed queries lose their rows and columns
                       ) -> Tensor:
-    "(B·n_heads, T, T) bool self-attention mask (True = blocked) over [dn | distinct | dense]: removed queries are cut from rows and columns (their own diagonal stays open: an all-blocked row gives NaN), dense queries see only each other."
+    "(B·n_heads, T, T) bool self-attention mask (True = blocked) over [dn | distinct | dense]: the denoising mask on [dn | distinct], dense queries see only each other, and the removed distinct queries are masked as `mode` says. A row left all blocked gets its diagonal opened (it would give NaN)."
+    if mode not in DDQ_MASK_MODES: raise ValueError(f"mode: expected one of {DDQ_MASK_MODES}, got {mode!r}")
     B, Q = alive.shape
     N = 0 if dn_mask is None else dn_mask.shape[0] - Q
-    if N < 0: raise ValueError(f"dn_mask: expected (N + {Q}, N + {Q}), got shape {tuple(dn_mask.shape)}")
+    if N < 0 or (dn_mask is not None and dn_mask.shape != (N + Q, N + Q)): raise ValueError(f"dn_mask: expected (N + {Q}, N + {Q}), got shape {tuple(dn_mask.shape)}")
     T = N + Q + n_dense
     m = torch.zeros(B, T, T, dtype=torch.bool, device=alive.device)
     if dn_mask is not None: m[:, :N + Q, :N + Q] = dn_mask
     if n_dense: m[:, :N + Q, N + Q:] = True; m[:, N + Q:, :N + Q] = True
     dead = ~alive
-    m[:, :, N:N + Q] |= dead[:, None, :]; m[:, N:N + Q, :] |= dead[:, :, None]
-    m[:, torch.arange(T), torch.arange(T)] = False
+    if mode == 'official':    # jshilong/DDQ `be_distinct`: attn_mask = ones; attn_mask[keep] = False; attn_mask[:, keep] = False
+        m[:, N:N + Q, N:N + Q] |= dead[:, :, None] & dead[:, None, :]
+    else:
+        m[:, :, N:N + Q] |= dead[:, None, :]; m[:, N:N + Q, :] |= dead[:, :, None]
+        m[:, torch.arange(T), torch.arange(T)] = False
+    b, i = m.all(-1).nonzero(as_tuple=True)
+    m[b, i, i] = False
     return m.repeat_interleave(n_heads, 0)
 
+# %% ../../nbs/50_detection/20_detection.ddq.ipynb #0690b26d
+def _interleaved(v:Tensor, num_feats:int, temperature:float) -> Tensor:
+    "(...) → (..., num_feats): sin(v/t_0), cos(v/t_0), sin(v/t_1), … with t_i = temperature^(2i/num_feats)."
+    t = temperature ** (torch.arange(num_feats // 2, dtype=v.dtype, device=v.device) * 2 / num_feats)
+    a = v[..., None] / t
+    return torch.stack([a.sin(), a.cos()], -1).flatten(-2)
+
+def mask_sine_embed(mask:Tensor, # (B, H, W) bool, True = padding
+                    num_feats:int=128, # channels per axis
+                    temperature:float=20., # DINO / DDQ-DETR: 20 (DETR: 10000)
+                    offset:float=0., eps:float=1e-6, dtype=torch.float32) -> Tensor:
+    "(B, 2·num_feats, H, W) normalised sine encoding of a padded map in mmdet's layout: [y | x], position = cumulated valid pixels / their total · 2π, each frequency as an adjacent (sin, cos) pair."
+    nm = (~mask).to(dtype)
+    y, x = nm.cumsum(1), nm.cumsum(2)
+    y = (y + offset) / (y[:, -1:, :] + eps) * (2 * math.pi)
+    x = (x + offset) / (x[:, :, -1:] + eps) * (2 * math.pi)
+    return torch.cat([_interleaved(y, num_feats, temperature), _interleaved(x, num_feats, temperature)], -1).permute(0, 3, 1, 2)
+
+def box_sine_embed(coords:Tensor, # (..., 2) xy or (..., 4) cxcywh in [0, 1]
+                   num_feats:int=128, temperature:float=10000.) -> Tensor:
+    "(..., 2|4 · num_feats) sine encoding of points or boxes in mmdet's `coordinate_to_encoding` layout: [y, x(, w, h)] of 2π·v, (sin, cos) pairs."
+    if coords.shape[-1] not in (2, 4): raise ValueError(f"coords: expected (..., 2) or (..., 4), got shape {tuple(coords.shape)}")
+    v = coords * (2 * math.pi)
+    return torch.cat([_interleaved(v[..., i], num_feats, temperature) for i in ([1, 0] if coords.shape[-1] == 2 else [1, 0, 2, 3])], -1)
+
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #ffdae911
-def ddq_decode(decoder:nn.Module, # a `DeformableDecoder` (its layers, box heads, reference-point head and norm are used)
-               cls_heads:nn.ModuleList, # one classifier per decoder layer: (…, d) → (…, K) logits
+def ddq_decode(decoder:nn.Module, # has `layers` (`DeformableDecoderLayer`s), `ref_point_head` (2d → d MLP) and `norm`
+               reg_branches:nn.ModuleList, # per layer: (…, d) → (…, 4) box deltas of the dn and distinct queries
+               cls_branches:nn.ModuleList, # per layer: (…, d) → (…, K) logits; they score the distinct queries for the re-selection
                tgt:Tensor, reference:Tensor, # (B, T, d) query content and (B, T, 4) cxcywh boxes, T = N dn + Q distinct + D dense
                memory:Tensor, spatial_shapes:Tensor, # (B, S, d), (L, 2)
                alive:Tensor, # (B, Q) bool: distinct queries alive at the first layer (`select_proposals`)
-               n_dense:int=0, dn_mask:Tensor|None=None, # see `distinct_attn_mask`
+               n_dense:int=0, # D dense queries at the end (training)
+               dn_mask:Tensor|None=None, # (N + Q, N + Q) denoising mask (`dn_queries`)
+               aux_reg_branches:nn.ModuleList|None=None, # per layer: box deltas of the dense queries (needed when n_dense > 0)
                iou_thr:float=0.8, # re-selection NMS between layers
-               memory_mask:Tensor|None=None,
+               memory_mask:Tensor|None=None, # (B, S) True = padding
+               valid_ratios:Tensor|None=None, # (B, L, 2)
+               mask_mode:str='official', # see `distinct_attn_mask`
               ) -> dict:
-    "DDQ-DETR's decoder: before every layer after the first, class-agnostic NMS on the previous layer's boxes and scores removes near-duplicate distinct queries from self-attention (rows and columns). Returns hs, boxes, logits (n_layers, B, T, ·) and alive (n_layers, B, Q)."
+    "DDQ-DETR's decoder: each layer refines the boxes (its reg branch on the un-normalised output; the dense queries through their own branch), then class-agnostic NMS on the refined boxes, scored by that layer's classifier, removes near-duplicate distinct queries for the next layer. Returns hs (L, B, T, d) normalised outputs, references (L + 1) × (B, T, 4) (the input boxes of each layer, then the last refined), alive (L, B, Q): the queries distinct at each layer's input."
     B, Q = alive.shape
-    N = tgt.shape[1] - Q - n_dense
-    if N < 0: raise ValueError(f"tgt: expected at least Q + n_dense = {Q + n_dense} queries, got {tgt.shape[1]}")
-    n_heads = decoder.layers[0].self_attn.num_heads
-    hs, boxes, logits, alives, ref = [], [], [], [], reference
-    for l, (layer, head, cls) in enumerate(zip(decoder.layers, decoder.box_heads, cls_heads)):
-        if l > 0: alive = reselect_distinct(boxes[-1][:, N:N + Q], logits[-1][:, N:N + Q], alive, iou_thr)
-        r = ref[:, :, None].expand(-1, -1, decoder.n_levels, -1)
-        pos = decoder.ref_point_head(sine_embed(r[:, :, 0], decoder.d_model // 2))
-        tgt = layer(tgt, pos, r, memory, spatial_shapes, memory_mask, distinct_attn_mask(alive, n_heads, n_dense, dn_mask))
-        h = decoder.norm(tgt)
-        new = torch.sigmoid(head(h) + inverse_sigmoid(ref))
-        hs.append(h); boxes.append(new); logits.append(cls(h)); alives.append(alive)
-        ref = new.detach()
-    return dict(hs=torch.stack(hs), boxes=torch.stack(boxes), logits=torch.stack(logits), alive=torch.stack(alives))
+    T, D = tgt.shape[1], n_dense
+    N = T - Q - D
+    if N < 0: raise ValueError(f"tgt: expected at least Q + n_dense = {Q + D} queries, got {T}")
+    if D and aux_reg_branches is None: raise ValueError("aux_reg_branches: the dense queries (n_dense > 0) need their own box branches")
+    n_heads, n_levels = decoder.layers[0].self_attn.num_heads, decoder.layers[0].cross_attn.n_levels
+    hs, refs, alives = [], [reference], []
+    for l, layer in enumerate(decoder.layers):
+        r = reference[:, :, None].expand(-1, -1, n_levels, -1)
+        if valid_ratios is not None: r = r * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+        pos = decoder.ref_point_head(box_sine_embed(r[:, :, 0], tgt.shape[-1] // 2))
+        tgt = layer(tgt, pos, r, memory, spatial_shapes, memory_mask, distinct_attn_mask(alive, n_heads, D, dn_mask, mask_mode))
+        delta = reg_branches[l](tgt[:, :T - D])
+        if D: delta = torch.cat([delta, aux_reg_branches[l](tgt[:, T - D:])], 1)
+        new = torch.sigmoid(delta + inverse_sigmoid(reference, 1e-3))
+        hs.append(decoder.norm(tgt)); refs.append(new); alives.append(alive)
+        reference = new.detach()
+        if l < len(decoder.layers) - 1:
+            with torch.no_grad(): alive = reselect_distinct(reference[:, N:N + Q], cls_branches[l](tgt[:, N:N + Q]), alive, iou_thr)
+    return dict(hs=torch.stack(hs), references=refs, alive=torch.stack(alives))
+
+def ddq_head(hs:Tensor, # (L, B, T, d) from `ddq_decode`
+             references:list, # its L + 1 references
+             cls_branches:nn.ModuleList, reg_branches:nn.ModuleList, # per layer, for the dn and distinct queries
+             aux_cls_branches:nn.ModuleList|None=None, aux_reg_branches:nn.ModuleList|None=None, # per layer, for the dense queries
+             n_dense:int=0) -> tuple:
+    "`(logits (L, B, T, K), boxes (L, B, T, 4) cxcywh)`: layer l's branches on its normalised output, boxes relative to layer l's input reference; the last D queries go through the auxiliary branches only."
+    T, D, lg, bx = hs.shape[2], n_dense, [], []
+    for l, h in enumerate(hs):
+        c, d = cls_branches[l](h[:, :T - D]), reg_branches[l](h[:, :T - D])
+        if D: c, d = torch.cat([c, aux_cls_branches[l](h[:, T - D:])], 1), torch.cat([d, aux_reg_branches[l](h[:, T - D:])], 1)
+        lg.append(c); bx.append(torch.sigmoid(d + inverse_sigmoid(references[l])))
+    return torch.stack(lg), torch.stack(bx)
+
+# %% ../../nbs/50_detection/20_detection.ddq.ipynb #fb1c4ee1
+class DynamicConv(nn.Module):
+    "Sparse R-CNN's dynamic instance interaction (mmdet `DynamicConv`): a query's feature generates two 1×1 convs (C→c→C, LN + ReLU each) applied to its own RoI feature, then a projection of the S×S map to C."
+    def __init__(self, in_channels:int=256, feat_channels:int=64, input_feat_shape:int=7):
+        super().__init__()
+        C, c = in_channels, feat_channels
+        self.dynamic_layer = nn.Linear(C, 2 * C * c)
+        self.norm_in, self.norm_out = nn.LayerNorm(c), nn.LayerNorm(C)
+        self.fc_layer, self.fc_norm = nn.Linear(C * input_feat_shape ** 2, C), nn.LayerNorm(C)
+        self.C, self.c = C, c
+
+    def forward(self, param:Tensor, # (P, C) one query each
+                roi_feat:Tensor, # (P, C, S, S) its RoI feature
+               ) -> Tensor:
+        x = roi_feat.flatten(2).transpose(1, 2)                          # (P, S², C)
+        w = self.dynamic_layer(param)
+        w_in, w_out = w[:, :self.C * self.c].view(-1, self.C, self.c), w[:, -self.C * self.c:].view(-1, self.c, self.C)
+        x = F.relu(self.norm_in(torch.bmm(x, w_in)))
+        x = F.relu(self.norm_out(torch.bmm(x, w_out)))
+        return F.relu(self.fc_norm(self.fc_layer(x.flatten(1))))
+
+class DIIHead(nn.Module):
+    "One stage of Sparse R-CNN's head (mmdet `DIIHead`): self-attention among the queries, dynamic interaction with their RoI features, FFN, then class logits and box deltas."
+    def __init__(self, num_classes:int, in_channels:int=256, n_heads:int=8, d_ffn:int=2048, feat_channels:int=64, roi_size:int=7,
+                 n_cls_fcs:int=1, n_reg_fcs:int=3):
+        super().__init__()
+        C = in_channels
+        fcs = lambda n: nn.Sequential(*[m for _ in range(n) for m in (nn.Linear(C, C, bias=False), nn.LayerNorm(C), nn.ReLU(inplace=True))])
+        self.attention, self.attention_norm = nn.MultiheadAttention(C, n_heads), nn.LayerNorm(C)
+        self.instance_interactive_conv, self.instance_interactive_conv_norm = DynamicConv(C, feat_channels, roi_size), nn.LayerNorm(C)
+        self.ffn, self.ffn_norm = nn.Sequential(nn.Linear(C, d_ffn), nn.ReLU(inplace=True), nn.Linear(d_ffn, C)), nn.LayerNorm(C)
+        self.cls_fcs, self.reg_fcs = fcs(n_cls_fcs), fcs(n_reg_fcs)
+        self.fc_cls, self.fc_reg = nn.Linear(C, num_classes), nn.Linear(C, 4)
+        nn.init.constant_(self.fc_cls.bias, -math.log(99.)); nn.init.zeros_(self.fc_reg.weight); nn.init.zeros_(self.fc_reg.bias)
+
+    def forward(self, roi_feat:Tensor, # (B·P, C, S, S)
+                obj_feat:Tensor, # (B, P, C) the queries' features
+               ) -> tuple:
+        "`(logits (B, P, K), deltas (B, P, 4), obj_feat (B, P, C))`."
+        B, P, C = obj_feat.shape
+        q = obj_feat.transpose(0, 1)                                     # (P, B, C): sequence first, as mmcv's wrapper
+        q = self.attention_norm(q + self.attention(q, q, q, need_weights=False)[0]).transpose(0, 1).reshape(-1, C)
+        o = self.instance_interactive_conv_norm(q + self.instance_interactive_conv(q, roi_feat))
+        o = self.ffn_norm(o + self.ffn(o))
+        return self.fc_cls(self.cls_fcs(o)).view(B, P, -1), self.fc_reg(self.reg_fcs(o)).view(B, P, 4), o.view(B, P, C)
+
+def delta_xywh_decode(rois:Tensor, # (N, 4) xyxy
+                      deltas:Tensor, # (N, 4)
+                      stds:tuple=(0.5, 0.5, 1., 1.), # Sparse R-CNN's DeltaXYWHBBoxCoder
+                      wh_ratio_clip:float=16 / 1000) -> Tensor:
+    "mmdet's `delta2bbox` (no means, no border clip): centre moves by d·std·size, size scales by exp(d·std), log-ratio clamped."
+    d = deltas * deltas.new_tensor(stds)
+    m = abs(math.log(wh_ratio_clip))
+    pxy, pwh = (rois[:, :2] + rois[:, 2:]) / 2, rois[:, 2:] - rois[:, :2]
+    gxy, gwh = pxy + pwh * d[:, :2], pwh * d[:, 2:].clamp(-m, m).exp()
+    return torch.cat([gxy - gwh / 2, gxy + gwh / 2], -1)
+
+def roi_extract(feats:list, # (B, C, H_l, W_l) per level, finest first
+                strides:list, boxes:list, # per image (P, 4) xyxy pixels
+                out_size:int=7, sampling_ratio:int=2, finest_scale:float=56.) -> Tensor:
+    "mmdet's `SingleRoIExtractor`: each box pooled (RoIAlign, aligned) from level floor(log2(√(wh)/56)), clamped to the pyramid; (ΣP, C, S, S)."
+    from torchvision.ops import roi_align
+    rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], 1) for i, b in enumerate(boxes)])
+    scale = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).sqrt()
+    lvl = torch.floor(torch.log2(scale / finest_scale + 1e-6)).clamp(0, len(feats) - 1).long()
+    out = feats[0].new_zeros(len(rois), feats[0].shape[1], out_size, out_size)
+    for l, (f, s) in enumerate(zip(feats, strides)):
+        i = (lvl == l).nonzero()[:, 0]
+        if len(i): out[i] = roi_align(f, rois[i], out_size, 1 / s, sampling_ratio, aligned=True)
+    return out
 
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #b4a6421a
 class DDQRCNN(nn.Module):
-    "DDQ R-CNN, reduced: a DDQ-FCN RPN; its distinct queries (best `n_proposals`, detached) become proposals of one RoI stage (RoIAlign → MLP → class logits + box deltas) trained one-to-one; NMS-free inference."
+    "DDQ R-CNN: a DDQ-FCN RPN whose distinct queries (best `n_proposals`, detached) become the proposals of the RoI stages, trained one-to-one; NMS-free inference. `head='dii'`: the official two Sparse-R-CNN `DIIHead` stages on the queries' features (`compress` of the towers' features at the query); `head='mlp'`: one reduced stage (RoIAlign → MLP)."
     def __init__(self, rpn:DDQFCN, # mode 'ddq': its distinct queries are the proposals
                  n_proposals:int=300, # official: 300
-                 hidden:int=256, # MLP width (official: DIIHead, 2 stages, dynamic conv)
+                 hidden:int=256, # MLP width ('mlp')
                  roi_size:int=7,
+                 head:str='mlp', # 'dii' (official) or 'mlp' (reduced)
+                 n_stages:int=2, n_heads:int=8, d_ffn:int=2048, feat_channels:int=64, # 'dii' (official: 2, 8, 2048, 64)
                 ):
         super().__init__()
         from torchvision.ops import MultiScaleRoIAlign
         if not isinstance(rpn, DDQFCN) or rpn.mode != 'ddq': raise TypeError(f"rpn: expected a DDQFCN in mode 'ddq', got {type(rpn).__name__} {getattr(rpn, 'mode', '')!r}")
         C, K = rpn.fpn.out_channels, rpn.num_classes
-        self.rpn, self.n_proposals = rpn, n_proposals
+        if head not in ('mlp', 'dii'): raise ValueError(f"head: expected 'mlp' or 'dii', got {head!r}")
+        self.rpn, self.n_proposals, self.head = rpn, n_proposals, head
+        if head == 'dii':
+            self.compress = nn.Linear(2 * C, C)
+            self.stages = nn.ModuleList([DIIHead(K, C, n_heads, d_ffn, feat_channels, roi_size) for _ in range(n_stages)])
+            return
         self.roi = MultiScaleRoIAlign([str(i) for i in range(len(rpn.head.strides))], roi_size, 2)
         self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(C * roi_size ** 2, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
         self.cls, self.delta = nn.Linear(hidden, K), nn.Linear(hidden, 4)
@@ -362,6 +499,15 @@ class DDQRCNN(nn.Module):
         wh = (p[:, 2:] - p[:, :2]).clamp(min=1.).repeat(1, 2)
         return self.cls(h).split(n), (p + self.delta(h) * wh).split(n)
 
+    def dii_stages(self, feats:list, proposals:Tensor, obj_feat:Tensor) -> list:
+        "The `DIIHead` stages: from proposals (B, P, 4) xyxy and query features (B, P, C), per stage `(logits (B, P, K), boxes (B, P, 4))`; each stage starts from the previous one's boxes, detached, and its query features."
+        out, B, P = [], *proposals.shape[:2]
+        for st in self.stages:
+            lg, delta, obj_feat = st(roi_extract(feats, self.rpn.head.strides, list(proposals)), obj_feat)
+            bx = delta_xywh_decode(proposals.reshape(-1, 4), delta.reshape(-1, 4)).view(B, P, 4)
+            out.append((lg, bx)); proposals = bx.detach()
+        return out
+
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #96b9bd9a
 def _rcnn_forward(self:DDQRCNN, images:list, targets:list|None=None):
     rpn = self.rpn
@@ -370,11 +516,18 @@ def _rcnn_forward(self:DDQRCNN, images:list, targets:list|None=None):
     pts, _ = level_points(out['sizes'], rpn.head.strides, device=x.device, dtype=x.dtype)
     counts = [h * w for h, w in out['sizes']]
     boxes = distance2box(pts, out['main']['ltrb']).detach()
-    props = []
+    props, qs = [], []
     for b, (h, w) in enumerate(sizes):
         q = _queries(rpn, out['main']['score'][b].detach(), boxes[b], counts, True)[:self.n_proposals]
-        props.append(torch.stack([boxes[b, q, 0].clamp(0, w), boxes[b, q, 1].clamp(0, h), boxes[b, q, 2].clamp(0, w), boxes[b, q, 3].clamp(0, h)], -1))
-    logits, refined = self.stage(feats, props, tuple(x.shape[-2:]))
+        props.append(torch.stack([boxes[b, q, 0].clamp(0, w), boxes[b, q, 1].clamp(0, h), boxes[b, q, 2].clamp(0, w), boxes[b, q, 3].clamp(0, h)], -1)); qs.append(q)
+    if self.head == 'dii':
+        obj = self.compress(torch.cat([torch.cat([_flat(f) for f in t], 1) for t in out['towers']], -1).detach())
+        P = max(len(q) for q in qs)                                     # the official pads with zero boxes and features
+        pad = lambda t, n: torch.cat([t, t.new_zeros(n - len(t), *t.shape[1:])])
+        stages = self.dii_stages(feats, torch.stack([pad(p, P) for p in props]), torch.stack([pad(obj[b, q], P) for b, q in enumerate(qs)]))
+        stages = [(list(lg), list(bx)) for lg, bx in stages]
+    else: stages = [self.stage(feats, props, tuple(x.shape[-2:]))]
+    logits, refined = stages[-1]
     if not self.training:
         res, K = [], rpn.num_classes
         for lg, bx in zip(logits, refined):
@@ -383,102 +536,245 @@ def _rcnn_forward(self:DDQRCNN, images:list, targets:list|None=None):
         return res
     if targets is None: raise ValueError("targets: a DDQRCNN in training mode needs the targets (per image dict(boxes, labels))")
     losses = {'rpn_' + k: v for k, v in _loss(rpn, out, pts, counts, targets, sizes).items()}
-    cls, l1, giou, n = [], [], [], 0
-    for lg, bx, t, (h, w) in zip(logits, refined, targets, sizes):
-        gb, gl = t['boxes'].to(bx), t['labels'].to(bx.device) - rpn.label_offset
-        onehot = torch.zeros_like(lg)
-        if len(gb):
-            pi, gi = hungarian_assign(ddq_cost(lg.detach().sigmoid(), bx.detach(), gb, gl, (w, h)), 1)
-            onehot[pi, gl[gi]] = 1.
-            s = bx.new_tensor([w, h, w, h])
-            l1.append(((bx[pi] - gb[gi]) / s).abs().sum()); giou.append(generalized_box_iou_loss(bx[pi], gb[gi], reduction='sum')); n += len(pi)
-        cls.append(sigmoid_focal_loss(lg, onehot, reduction='sum'))
-    n = max(n, 1); zero = sum(r.sum() for r in refined) * 0
-    losses.update(cls=2 * sum(cls) / n, l1=5 * (sum(l1) if l1 else zero) / n, giou=2 * (sum(giou) if giou else zero) / n)
+    for k, (logits, refined) in enumerate(stages):
+        cls, l1, giou, n = [], [], [], 0
+        for lg, bx, t, (h, w) in zip(logits, refined, targets, sizes):
+            gb, gl = t['boxes'].to(bx), t['labels'].to(bx.device) - rpn.label_offset
+            onehot = torch.zeros_like(lg)
+            if len(gb):
+                pi, gi = hungarian_assign(ddq_cost(lg.detach().sigmoid(), bx.detach(), gb, gl, (w, h)), 1)
+                onehot[pi, gl[gi]] = 1.
+                s = bx.new_tensor([w, h, w, h])
+                l1.append(((bx[pi] - gb[gi]) / s).abs().sum()); giou.append(generalized_box_iou_loss(bx[pi], gb[gi], reduction='sum')); n += len(pi)
+            cls.append(sigmoid_focal_loss(lg, onehot, reduction='sum'))
+        n = max(n, 1); zero = sum(r.sum() for r in refined) * 0
+        p = f's{k}_' if self.head == 'dii' else ''
+        losses.update({p + 'cls': 2 * sum(cls) / n, p + 'l1': 5 * (sum(l1) if l1 else zero) / n, p + 'giou': 2 * (sum(giou) if giou else zero) / n})
     return losses
 DDQRCNN.forward = _rcnn_forward
 
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #4505e702
+class ChannelMapper(nn.Module):
+    "DINO / DDQ-DETR's neck (mmdet `ChannelMapper`, no activation): a 1×1 conv + GN per backbone map, then stride-2 3×3 conv + GN levels, the first reading the last backbone map."
+    def __init__(self, in_channels:list, # channels of the backbone maps, finest first
+                 out_channels:int=256, num_outs:int|None=None, # levels returned (≥ len(in_channels))
+                 groups:int=32, # GroupNorm groups
+                ):
+        super().__init__()
+        num_outs = len(in_channels) if num_outs is None else num_outs
+        if num_outs < len(in_channels): raise ValueError(f"num_outs: expected at least {len(in_channels)} (one per backbone map), got {num_outs}")
+        gn = lambda: nn.GroupNorm(min(groups, out_channels), out_channels)
+        self.convs = nn.ModuleList([nn.Sequential(nn.Conv2d(c, out_channels, 1, bias=False), gn()) for c in in_channels])
+        self.extra = nn.ModuleList([nn.Sequential(nn.Conv2d(in_channels[-1] if i == 0 else out_channels, out_channels, 3, 2, 1, bias=False), gn())
+                                    for i in range(num_outs - len(in_channels))])
+
+    def forward(self, feats:list) -> list:
+        outs = [c(f) for c, f in zip(self.convs, feats)]
+        for i, e in enumerate(self.extra): outs.append(e(feats[-1] if i == 0 else outs[-1]))
+        return outs
+
+# %% ../../nbs/50_detection/20_detection.ddq.ipynb #74467032
 class DDQDETR(nn.Module):
-    "A compact DDQ-DETR (two-stage deformable DETR with distinct queries; no denoising queries): `model(images, targets)` → loss dict in training, else per image dict(boxes, scores, labels)."
-    def __init__(self, fpn:nn.Module, # list of maps, finest first, `out_channels`; the first `n_levels` are used
-                 num_classes:int, d_model:int=256, n_heads:int=8, n_levels:int=4, n_points:int=4, n_enc:int=6, n_dec:int=6, d_ffn:int=2048,
+    "DDQ-DETR in the official layout (a DINO with distinct queries): backbone → `ChannelMapper` → deformable encoder → distinct (NMS) and, in training, dense encoder proposals → `ddq_decode` with denoising queries → per-layer heads. `model(images, targets)` → loss dict in training, else per image dict(boxes, scores, labels)."
+    def __init__(self, backbone:nn.Module, # returns a list of maps, finest first; has `channels` (e.g. `TimmFeatures('resnet50', out_indices=(2, 3, 4))`)
+                 num_classes:int, d_model:int=256, n_heads:int=8,
+                 n_levels:int=4, # backbone maps + stride-2 extra levels of the neck
+                 n_points:int=4, n_enc:int=6, n_dec:int=6, d_ffn:int=2048,
                  n_queries:int=900, # distinct queries
-                 dense_ratio:float=1.5, # dense queries = dense_ratio · n_queries (training only)
-                 iou_thr:float=0.8, aux_k:int=4, num_det:int=300, label_offset:int=1,
+                 dense_ratio:float=1.5, # dense queries = int(dense_ratio · n_queries) (training only)
+                 iou_thr:float=0.8, # NMS of the selection at the encoder and between decoder layers
+                 aux_k:int=4, # objects' predictions in the dense one-to-many loss
+                 num_dn:int=100, label_noise:float=0.5, box_noise:float=1.0, # denoising queries (groups = num_dn // most objects)
+                 num_det:int=300, mask_mode:str='official', gn_groups:int=32, label_offset:int=1,
                  image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225)):
         super().__init__()
-        from xwlearn.vision.detr import DeformableEncoderLayer, DeformableDecoder, mlp
-        self.fpn, self.K, self.L, self.d = fpn, num_classes, n_levels, d_model
-        self.proj = nn.ModuleList([nn.Sequential(nn.Conv2d(fpn.out_channels, d_model, 1), nn.GroupNorm(32 if d_model % 32 == 0 else 1, d_model)) for _ in range(n_levels)])
-        self.level_embed = nn.Parameter(torch.randn(n_levels, d_model) * 0.02)
-        self.encoder = nn.ModuleList([DeformableEncoderLayer(d_model, n_heads, n_levels, n_points, d_ffn) for _ in range(n_enc)])
-        self.enc_norm, self.enc_cls, self.enc_box = nn.Sequential(nn.Linear(d_model, d_model), nn.LayerNorm(d_model)), nn.Linear(d_model, num_classes), mlp(d_model, d_model, 4)
-        self.n_dense = int(round(dense_ratio * n_queries))
-        self.query = nn.Embedding(n_queries + self.n_dense, d_model)
-        self.decoder = DeformableDecoder(d_model, n_heads, n_levels, n_points, d_ffn, n_dec)
-        self.cls_heads = nn.ModuleList([nn.Linear(d_model, num_classes) for _ in range(n_dec)])
-        for h in [self.enc_cls, *self.cls_heads]: nn.init.constant_(h.bias, -math.log(99.))
-        self.n_queries, self.iou_thr, self.aux_k, self.num_det, self.label_offset = n_queries, iou_thr, aux_k, num_det, label_offset
+        from xwlearn.vision.detr import DeformableEncoderLayer, DeformableDecoderLayer, mlp
+        if mask_mode not in DDQ_MASK_MODES: raise ValueError(f"mask_mode: expected one of {DDQ_MASK_MODES}, got {mask_mode!r}")
+        d, K = d_model, num_classes
+        self.backbone, self.neck = backbone, ChannelMapper(list(backbone.channels), d, n_levels, gn_groups)
+        self.level_embed = nn.Parameter(torch.randn(n_levels, d))
+        self.encoder = nn.ModuleList([DeformableEncoderLayer(d, n_heads, n_levels, n_points, d_ffn) for _ in range(n_enc)])
+        self.memory_trans_fc, self.memory_trans_norm, self.query_map = nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, d)
+        self.label_embedding = nn.Embedding(K, d)                      # content of the denoising queries
+        self.decoder = nn.ModuleDict(dict(layers=nn.ModuleList([DeformableDecoderLayer(d, n_heads, n_levels, n_points, d_ffn) for _ in range(n_dec)]),
+                                          ref_point_head=mlp(2 * d, d, d, 2), norm=nn.LayerNorm(d)))
+        # branches: 0..n_dec-1 decoder layers, n_dec the encoder's distinct proposals, n_dec + 1 its dense proposals
+        self.cls_branches = nn.ModuleList([nn.Linear(d, K) for _ in range(n_dec + 2)])
+        self.reg_branches = nn.ModuleList([mlp(d, d, 4) for _ in range(n_dec + 2)])
+        self.aux_cls_branches = nn.ModuleList([nn.Linear(d, K) for _ in range(n_dec)])     # dense queries, decoder layers
+        self.aux_reg_branches = nn.ModuleList([mlp(d, d, 4) for _ in range(n_dec)])
+        for c in [*self.cls_branches, *self.aux_cls_branches]: nn.init.constant_(c.bias, -math.log(99.))
+        for r in [*self.reg_branches, *self.aux_reg_branches]: nn.init.zeros_(r[-1].weight); nn.init.zeros_(r[-1].bias)
+        self.K, self.L, self.d, self.n_heads = K, n_levels, d, n_heads
+        self.n_queries, self.n_dense, self.iou_thr, self.aux_k, self.num_det = n_queries, int(dense_ratio * n_queries), iou_thr, aux_k, num_det
+        self.num_dn, self.label_noise, self.box_noise, self.mask_mode, self.label_offset = num_dn, label_noise, box_noise, mask_mode, label_offset
         self.register_buffer('mean', torch.tensor(image_mean).view(3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(image_std).view(3, 1, 1), persistent=False)
-        self.strides = list(fpn.strides)[:n_levels]
-    batch_images = DDQFCN.batch_images
+
     @property
-    def head(self): return self   # `batch_images` pads to a multiple of `self.head.strides`
+    def loss_terms(self) -> tuple:
+        "The keys of the training loss dict."
+        n = len(self.decoder.layers)
+        return ('enc', 'enc_aux') + tuple(f'd{l}{s}' for l in range(n) for s in ('', '_dn', '_aux'))
+
+    def batch_images(self, images:list) -> tuple:
+        "Normalise (uint8 or [0, 1] floats) and zero-pad to the largest image (mmdet `pad_size_divisor=1`): `(x (B, 3, H, W), mask (B, H, W) True = padding, [(h, w)] per image)`."
+        if not isinstance(images, (list, tuple)) or not images: raise TypeError(f"images: expected a non-empty list of (3, H, W) tensors, got {type(images).__name__}")
+        sizes = [tuple(im.shape[-2:]) for im in images]
+        H, W = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        x = self.mean.new_zeros(len(images), 3, H, W)
+        mask = torch.ones(len(images), H, W, dtype=torch.bool, device=x.device)
+        for i, im in enumerate(images):
+            im = im.to(x.device, x.dtype) / (255. if im.dtype == torch.uint8 else 1.)
+            x[i, :, :im.shape[-2], :im.shape[-1]] = (im - self.mean) / self.std
+            mask[i, :im.shape[-2], :im.shape[-1]] = False
+        return x, mask, sizes
+
+# %% ../../nbs/50_detection/20_detection.ddq.ipynb #70f6f99c
+def two_stage_anchors(memory_mask:Tensor, # (B, S) True = padding
+                      spatial_shapes:Tensor, # (L, 2)
+                      dtype=torch.float32) -> Tensor:
+    "(B, S, 4) logit-space cxcywh anchor of every memory token (two-stage Deformable DETR / DINO): its cell centre over the valid size, side 0.05·2^level; +inf where the token is padding or the anchor leaves (0.01, 0.99)."
+    B, out, start = memory_mask.shape[0], [], 0
+    for l, (h, w) in enumerate(spatial_shapes.tolist()):
+        m = memory_mask[:, start:start + h * w].view(B, h, w)
+        valid = torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1).to(dtype)   # (B, 2) valid w, h
+        y, x = torch.meshgrid(torch.arange(h, dtype=dtype, device=m.device), torch.arange(w, dtype=dtype, device=m.device), indexing='ij')
+        xy = (torch.stack([x, y], -1).view(1, -1, 2) + 0.5) / valid[:, None]
+        out.append(torch.cat([xy, torch.full_like(xy, 0.05 * 2. ** l)], -1)); start += h * w
+    a = torch.cat(out, 1)
+    ok = ((a > 0.01) & (a < 0.99)).all(-1) & ~memory_mask
+    return torch.log(a / (1 - a)).masked_fill(~ok[..., None], float('inf'))
+
+def _encode(self:DDQDETR, x:Tensor, mask:Tensor) -> dict:
+    "Backbone, neck and encoder: memory (B, S, d), memory_mask (B, S), spatial_shapes (L, 2), valid_ratios (B, L, 2)."
+    from xwlearn.vision.detr import encoder_reference_points
+    feats = self.neck(self.backbone(x))
+    if len(feats) != self.L: raise ValueError(f"backbone: expected {self.L} levels after the neck, got {len(feats)}")
+    masks = [F.interpolate(mask[None].to(x.dtype), size=f.shape[-2:])[0].bool() for f in feats]
+    vr = torch.stack([torch.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1) for m in masks], 1).to(x.dtype)
+    pos = torch.cat([mask_sine_embed(m, self.d // 2, dtype=x.dtype).flatten(2).transpose(1, 2) + self.level_embed[l] for l, m in enumerate(masks)], 1)
+    src = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
+    mmask = torch.cat([m.flatten(1) for m in masks], 1)
+    shapes = torch.tensor([f.shape[-2:] for f in feats], device=x.device)
+    ref = encoder_reference_points(shapes, vr, device=x.device, dtype=x.dtype)
+    for layer in self.encoder: src = layer(src, pos, ref, shapes, mmask)
+    return dict(memory=src, memory_mask=mmask, spatial_shapes=shapes, valid_ratios=vr)
+DDQDETR.encode = _encode
+
+# %% ../../nbs/50_detection/20_detection.ddq.ipynb #a2a5e1e2
+def _forward_outputs(self:DDQDETR, x:Tensor, mask:Tensor, targets:list|None=None) -> dict:
+    "Everything before the losses. `targets` (training: per image dict(labels in [0, K), boxes cxcywh over the image size)) adds the denoising and the dense queries."
+    enc = self.encode(x, mask)
+    mem, mmask, n = enc['memory'], enc['memory_mask'], len(self.decoder.layers)
+    anchors = two_stage_anchors(mmask, enc['spatial_shapes'], x.dtype)
+    om = self.memory_trans_norm(self.memory_trans_fc(mem.masked_fill(torch.isinf(anchors[..., :1]), 0.)))
+    e_lg, e_un = self.cls_branches[n](om), self.reg_branches[n](om) + anchors
+    B, S = mem.shape[:2]
+    Q, D = min(self.n_queries, S), (min(self.n_dense, S) if targets is not None else 0)
+    sel = [select_proposals(e_lg[b], e_un[b].sigmoid(), Q, 0, self.iou_thr)[:2] for b in range(B)]
+    keep, alive = torch.stack([k for k, _ in sel]), torch.stack([a for _, a in sel])
+    take = lambda t, i: torch.gather(t, 1, i[..., None].expand(-1, -1, t.shape[-1]))
+    qmap = self.query_map(mem.detach())
+    tgt, unact = take(qmap, keep), take(e_un, keep)
+    out = dict(enc_logits=take(e_lg, keep), enc_boxes=unact.sigmoid(), n_dn=0, n_dense=D, dn=None, n_queries=Q)
+    unact = unact.detach()
+    if D:
+        d_lg, d_un = self.cls_branches[n + 1](om), self.reg_branches[n + 1](om) + anchors
+        di = d_lg.detach().max(-1).values.topk(D, -1).indices                    # dense: the best by score, no NMS
+        out.update(enc_dense_logits=take(d_lg, di), enc_dense_boxes=take(d_un, di).sigmoid())
+        tgt, unact = torch.cat([tgt, take(qmap, di)], 1), torch.cat([unact, take(d_un, di).detach()], 1)
+    dn_mask = None
+    if targets is not None and max(len(t['labels']) for t in targets):
+        m = max(len(t['labels']) for t in targets)
+        dn = dn_queries(targets, self.K, Q, max(1, self.num_dn // m), self.label_noise, self.box_noise)
+        v = dn['valid'].to(x.device)[..., None]
+        tgt = torch.cat([self.label_embedding(dn['labels'].to(x.device).clamp(max=self.K - 1)) * v, tgt], 1)
+        unact = torch.cat([inverse_sigmoid(dn['boxes'].to(x), 1e-3) * v, unact], 1)
+        dn_mask, out['dn'], out['n_dn'] = dn['attn_mask'].to(x.device), dn, dn['labels'].shape[1]
+    dec = ddq_decode(self.decoder, self.reg_branches, self.cls_branches, tgt, unact.sigmoid(), mem, enc['spatial_shapes'], alive, D, dn_mask,
+                     self.aux_reg_branches, self.iou_thr, mmask, enc['valid_ratios'], self.mask_mode)
+    out['logits'], out['boxes'] = ddq_head(dec['hs'], dec['references'], self.cls_branches, self.reg_branches, self.aux_cls_branches, self.aux_reg_branches, D)
+    out['alive'], out['hs'] = dec['alive'], dec['hs']
+    return out
+DDQDETR.forward_outputs = _forward_outputs
 
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #ab88a55a
-def _detr_losses(logits:Tensor, boxes:Tensor, targets:list, k:int=1) -> Tensor:
-    "Top-k Hungarian set loss of one layer (per image lists of (Q_b, K) logits, (Q_b, 4) cxcywh): 2·focal + 5·L1 + 2·GIoU, over the number of objects."
+def _o2o(logits:list, boxes:list, targets:list) -> Tensor:
+    "DETR set loss (one-to-one Hungarian, cost 2·focal + 5·L1 + 2·GIoU): 1·focal + 5·L1 + 2·GIoU summed over images, over the matched count."
     from xwlearn.vision.detr import match_cost
     tot, n = 0., 0
     for lg, bx, t in zip(logits, boxes, targets):
         oh = torch.zeros_like(lg)
         if len(t['labels']) and len(lg):
-            pi, gi = hungarian_assign(match_cost(lg.detach(), bx.detach(), t['labels'], t['boxes']), max(1, min(k, len(lg) // len(t['labels']))))
+            pi, gi = hungarian_assign(match_cost(lg.detach(), bx.detach(), t['labels'], t['boxes'].to(bx)), 1)
             oh[pi, t['labels'][gi]] = 1.
-            xy, gxy = box_convert(bx[pi], 'cxcywh', 'xyxy'), box_convert(t['boxes'][gi], 'cxcywh', 'xyxy')
-            tot = tot + 5 * (bx[pi] - t['boxes'][gi]).abs().sum() + 2 * generalized_box_iou_loss(xy, gxy, reduction='sum')
-        tot = tot + 2 * sigmoid_focal_loss(lg, oh, reduction='sum'); n += len(t['labels'])
+            tot = tot + 5 * (bx[pi] - t['boxes'][gi].to(bx)).abs().sum() + 2 * generalized_box_iou_loss(
+                box_convert(bx[pi], 'cxcywh', 'xyxy'), box_convert(t['boxes'][gi].to(bx), 'cxcywh', 'xyxy'), reduction='sum')
+            n += len(pi)
+        tot = tot + sigmoid_focal_loss(lg, oh, reduction='sum') + bx.sum() * 0
     return tot / max(n, 1)
 
+def _dn_loss(logits:Tensor, boxes:Tensor, dn:dict, targets:list) -> Tensor:
+    "Denoising loss: positives regress to and classify as their object, negatives and padding are background; 1·focal + 5·L1 + 2·GIoU over the positives."
+    tot, n = 0., 0
+    for b, t in enumerate(targets):
+        pos = (dn['positive'][b] & dn['valid'][b]).to(logits.device)
+        gi = dn['gt_index'][b].to(logits.device)[pos]
+        oh = torch.zeros_like(logits[b]); oh[pos, t['labels'][gi]] = 1.
+        bx, g = boxes[b, pos], t['boxes'][gi].to(boxes)
+        tot = tot + sigmoid_focal_loss(logits[b], oh, reduction='sum') + 5 * (bx - g).abs().sum() \
+              + 2 * generalized_box_iou_loss(box_convert(bx, 'cxcywh', 'xyxy'), box_convert(g, 'cxcywh', 'xyxy'), reduction='sum')
+        n += int(pos.sum())
+    return tot / max(n, 1)
+
+def _aux(logits:Tensor, boxes:Tensor, targets:list, sizes:list, k:int) -> Tensor:
+    "DDQ's one-to-many loss on dense queries (`ddq_set_loss`, top-k Hungarian, QFL + 2·GIoU in pixels), over Σ soft targets."
+    cls, box, norm = [], [], []
+    for lg, bx, t, (h, w) in zip(logits, boxes, targets, sizes):
+        s = bx.new_tensor([w, h, w, h])
+        c, b_, q = ddq_set_loss(lg.sigmoid(), box_convert(bx, 'cxcywh', 'xyxy') * s, box_convert(t['boxes'].to(bx), 'cxcywh', 'xyxy') * s, t['labels'], (w, h), k)
+        cls.append(c); box.append(b_); norm.append(q)
+    return (torch.stack(cls).sum() + torch.stack(box).sum()) / torch.stack(norm).sum().clamp(min=1.)
+
+def ddq_detr_loss(logits:Tensor, boxes:Tensor, # (B, T, K) logits and (B, T, 4) cxcywh of one decoder layer over [dn N | distinct Q | dense D]
+                  alive:Tensor, # (B, Q) the distinct queries alive at this layer's input
+                  targets:list, # per image dict(labels in [0, K), boxes cxcywh over the image size)
+                  sizes:list, # per image (h, w): the aux loss is in pixels
+                  n_dn:int=0, n_dense:int=0, dn:dict|None=None, aux_k:int=4) -> dict:
+    "One layer's DDQ-DETR losses: `main` one-to-one on the alive distinct queries only, `dn` on the denoising queries, `aux` top-k one-to-many on the dense queries only."
+    B, T = logits.shape[:2]
+    Q = T - n_dn - n_dense
+    if alive.shape != (B, Q): raise ValueError(f"alive: expected shape {(B, Q)} (T − n_dn − n_dense distinct queries), got {tuple(alive.shape)}")
+    lg, bx = logits[:, n_dn:n_dn + Q], boxes[:, n_dn:n_dn + Q]
+    out = dict(main=_o2o([lg[b][alive[b]] for b in range(B)], [bx[b][alive[b]] for b in range(B)], targets))
+    if n_dn: out['dn'] = _dn_loss(logits[:, :n_dn], boxes[:, :n_dn], dn, targets)
+    if n_dense: out['aux'] = _aux(logits[:, T - n_dense:], boxes[:, T - n_dense:], targets, sizes, aux_k)
+    return out
+
+# %% ../../nbs/50_detection/20_detection.ddq.ipynb #5cfbf5ad
 def _ddq_detr_forward(self:DDQDETR, images:list, targets:list|None=None):
-    from xwlearn.vision.detr import encoder_reference_points
-    x, sizes = self.batch_images(images)
-    H, W = x.shape[-2:]
-    feats = [p(f) for p, f in zip(self.proj, self.fpn(x)[:self.L])]
-    shapes = torch.tensor([f.shape[-2:] for f in feats], device=x.device)
-    src = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
-    ref = encoder_reference_points(shapes, device=x.device, dtype=x.dtype)            # (1, S, L, 2)
-    lvl = torch.cat([torch.full((h * w,), l, device=x.device) for l, (h, w) in enumerate(shapes.tolist())])
-    pos = sine_embed(ref[0, :, 0], self.d // 2)[None] + self.level_embed[lvl][None]
-    for layer in self.encoder: src = layer(src, pos, ref, shapes)
-    mem = self.enc_norm(src)
-    anchors = torch.cat([ref[0, :, 0], (0.05 * 2. ** lvl.to(x.dtype))[:, None].expand(-1, 2)], -1)
-    enc_logits, enc_boxes = self.enc_cls(mem), torch.sigmoid(self.enc_box(mem) + inverse_sigmoid(anchors))
-    D = self.n_dense if self.training else 0
-    sel = [select_proposals(enc_logits[b], enc_boxes[b], min(self.n_queries, len(anchors)), min(D, len(anchors)), self.iou_thr) for b in range(len(x))]
-    Q, D = sel[0][0].numel(), sel[0][2].numel()
-    idx = torch.stack([torch.cat([k, dn]) for k, _, dn in sel])
-    reference = torch.gather(enc_boxes, 1, idx[..., None].expand(-1, -1, 4)).detach()
-    tgt = self.query.weight[None, :Q + D].expand(len(x), -1, -1) if D else self.query.weight[None, :Q].expand(len(x), -1, -1)
-    alive = torch.stack([a for _, a, _ in sel])
-    out = ddq_decode(self.decoder, self.cls_heads, tgt, reference, mem, shapes, alive, D, None, self.iou_thr)
+    x, mask, sizes = self.batch_images(images)
     if self.training:
         if targets is None: raise ValueError("targets: a DDQDETR in training mode needs the targets (per image dict(boxes, labels))")
-        s = x.new_tensor([W, H, W, H])
-        tg = [dict(labels=t['labels'].to(x.device) - self.label_offset, boxes=box_convert(t['boxes'].to(x) / s, 'xyxy', 'cxcywh')) for t in targets]
-        lg_e = [enc_logits[b, sel[b][0]] for b in range(len(x))]
-        losses = dict(enc=_detr_losses(lg_e, [enc_boxes[b, sel[b][0]] for b in range(len(x))], tg))
-        for l in range(len(out['boxes'])):
-            a = out['alive'][l]
-            losses[f'd{l}'] = _detr_losses([out['logits'][l, b, :Q][a[b]] for b in range(len(x))], [out['boxes'][l, b, :Q][a[b]] for b in range(len(x))], tg)
-            losses[f'd{l}_dense'] = _detr_losses(list(out['logits'][l, :, Q:]), list(out['boxes'][l, :, Q:]), tg, self.aux_k)
+        if len(targets) != len(sizes): raise ValueError(f"targets: expected one per image ({len(sizes)}), got {len(targets)}")
+        tg = [dict(labels=t['labels'].to(x.device) - self.label_offset, boxes=box_convert(t['boxes'].to(x) / x.new_tensor([w, h, w, h]), 'xyxy', 'cxcywh'))
+              for t, (h, w) in zip(targets, sizes)]
+        o = self.forward_outputs(x, mask, tg)
+        B, N, D = len(sizes), o['n_dn'], o['n_dense']
+        losses = dict(enc=_o2o(list(o['enc_logits']), list(o['enc_boxes']), tg),
+                      enc_aux=_aux(o['enc_dense_logits'], o['enc_dense_boxes'], tg, sizes, self.aux_k) if D else x.sum() * 0)
+        for l in range(len(o['logits'])):
+            ls = ddq_detr_loss(o['logits'][l], o['boxes'][l], o['alive'][l], tg, sizes, N, D, o['dn'], self.aux_k)
+            zero = o['logits'][l].sum() * 0
+            losses[f'd{l}'], losses[f'd{l}_dn'], losses[f'd{l}_aux'] = ls['main'], ls.get('dn', zero), ls.get('aux', zero)
         return losses
+    o = self.forward_outputs(x, mask)
     res = []
     for b, (h, w) in enumerate(sizes):
-        a = out['alive'][-1, b]
-        lg, bx = out['logits'][-1, b, :Q][a], box_convert(out['boxes'][-1, b, :Q][a], 'cxcywh', 'xyxy') * x.new_tensor([W, H, W, H])
+        a = o['alive'][-1, b]
+        lg = o['logits'][-1, b][a]
+        bx = box_convert(o['boxes'][-1, b][a], 'cxcywh', 'xyxy') * x.new_tensor([w, h, w, h])
         bx = torch.stack([bx[:, 0].clamp(0, w), bx[:, 1].clamp(0, h), bx[:, 2].clamp(0, w), bx[:, 3].clamp(0, h)], -1)
         top = lg.sigmoid().flatten().topk(min(self.num_det, lg.numel()))
         res.append(dict(boxes=bx[top.indices // self.K], scores=top.values, labels=top.indices % self.K + self.label_offset))
@@ -515,3 +811,66 @@ def convert_official_ddq_fcn(state_dict:dict, # an official DDQ-FCN checkpoint (
             if re.fullmatch(pat, k): out[re.sub(pat, rep, k)] = v; break
         else: raise KeyError(f"unexpected key {k!r} in the official DDQ-FCN checkpoint (expected backbone.*, neck.0.*, bbox_head.*)")
     return out, skipped
+
+# %% ../../nbs/50_detection/20_detection.ddq.ipynb #1d1dd865
+_DDQ_DETR_RULES = [
+    (r'backbone\.(.+)', r'backbone.m.\1'),                                             # mmdet ResNet = timm resnet names
+    (r'neck\.convs\.(\d+)\.conv\.weight', r'neck.convs.\1.0.weight'),
+    (r'neck\.convs\.(\d+)\.gn\.(weight|bias)', r'neck.convs.\1.1.\2'),
+    (r'neck\.extra_convs\.(\d+)\.conv\.weight', r'neck.extra.\1.0.weight'),
+    (r'neck\.extra_convs\.(\d+)\.gn\.(weight|bias)', r'neck.extra.\1.1.\2'),
+    (r'encoder\.layers\.(\d+)\.self_attn\.(\w+)\.(weight|bias)', r'encoder.\1.attn.\2.\3'),
+    (r'(encoder|decoder\.layers)\.(?:layers\.)?(\d+)\.ffn\.layers\.0\.0\.(weight|bias)', r'\1.\2.ffn.0.\3'),
+    (r'(encoder|decoder\.layers)\.(?:layers\.)?(\d+)\.ffn\.layers\.1\.(weight|bias)', r'\1.\2.ffn.3.\3'),
+    (r'(encoder|decoder\.layers)\.(?:layers\.)?(\d+)\.norms\.0\.(weight|bias)', r'\1.\2.norm1.\3'),
+    (r'(encoder|decoder\.layers)\.(?:layers\.)?(\d+)\.norms\.1\.(weight|bias)', r'\1.\2.norm2.\3'),
+    (r'decoder\.layers\.(\d+)\.norms\.2\.(weight|bias)', r'decoder.layers.\1.norm3.\2'),
+    (r'decoder\.layers\.(\d+)\.self_attn\.attn\.(.+)', r'decoder.layers.\1.self_attn.\2'),  # nn.MultiheadAttention inside mmcv's wrapper
+    (r'decoder\.layers\.(\d+)\.cross_attn\.(.+)', r'decoder.layers.\1.cross_attn.\2'),
+    (r'decoder\.ref_point_head\.layers\.0\.(weight|bias)', r'decoder.ref_point_head.0.\1'),
+    (r'decoder\.ref_point_head\.layers\.1\.(weight|bias)', r'decoder.ref_point_head.2.\1'),
+    (r'(decoder\.norm|level_embed|memory_trans_fc|memory_trans_norm|query_map)(\..+)?', r'\g<0>'),
+    (r'dn_query_generator\.label_embedding\.weight', r'label_embedding.weight'),
+    (r'bbox_head\.((?:aux_)?(?:cls|reg)_branches\..+)', r'\1'),
+]
+
+def convert_official_ddq_detr(state_dict:dict, # an official DDQ-DETR checkpoint (mmdet 3 layout), or its 'state_dict'
+                             ) -> dict:
+    "The official keys renamed for `DDQDETR(TimmFeatures('resnet50', out_indices=(2, 3, 4)), 80)` (4-scale; 5-scale: out_indices=(1, 2, 3, 4), n_levels=5). `decoder.aux_reg_branches.*`, an alias of `bbox_head.aux_reg_branches.*` in trained checkpoints, is checked equal and dropped."
+    import re
+    if not isinstance(state_dict, dict): raise TypeError(f"state_dict must be a dict (a checkpoint or its 'state_dict'), got {type(state_dict).__name__}")
+    sd = state_dict.get('state_dict', state_dict)
+    out = {}
+    for k, v in sd.items():
+        if k.startswith('decoder.aux_reg_branches.'):
+            twin = 'bbox_head.' + k[len('decoder.'):]
+            if twin in sd and not torch.equal(sd[twin], v): raise ValueError(f"state_dict: {k} should alias {twin}, but the tensors differ")
+            continue
+        for pat, rep in _DDQ_DETR_RULES:
+            if re.fullmatch(pat, k): out[re.sub(pat, rep, k)] = v; break
+        else: raise KeyError(f"unexpected key {k!r} in the official DDQ-DETR checkpoint (expected backbone.*, neck.*, encoder.*, decoder.*, bbox_head.*, …)")
+    return out
+
+# %% ../../nbs/50_detection/20_detection.ddq.ipynb #4709fff2
+_DDQ_RCNN_ROI_RULES = [
+    (r'roi_head\.bbox_head\.(\d+)\.attention\.attn\.(.+)', r'stages.\1.attention.\2'),          # nn.MultiheadAttention inside mmcv's wrapper
+    (r'roi_head\.bbox_head\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)', r'stages.\1.ffn.0.\2'),
+    (r'roi_head\.bbox_head\.(\d+)\.ffn\.layers\.1\.(weight|bias)', r'stages.\1.ffn.2.\2'),
+    (r'roi_head\.bbox_head\.(\d+)\.((?:attention_norm|instance_interactive_conv|instance_interactive_conv_norm|ffn_norm|cls_fcs|reg_fcs|fc_cls|fc_reg)\..+)', r'stages.\1.\2'),
+    (r'rpn_head\.compress\.(weight|bias)', r'compress.\1'),
+]
+
+def convert_official_ddq_rcnn_roi_head(state_dict:dict, # an official DDQ R-CNN checkpoint (mmdet 2 layout), or its 'state_dict'
+                                      ) -> tuple:
+    "`(converted, rest)`: the RoI head (`roi_head.bbox_head.{stage}.*`, Sparse R-CNN's `DIIHead`) and the query-feature `rpn_head.compress` renamed for `DDQRCNN(..., head='dii')`, and the keys left (backbone, 6-level FPN, DDQ-FCN RPN head on P3–P7; see the notebook for why they are not mapped)."
+    import re
+    if not isinstance(state_dict, dict): raise TypeError(f"state_dict must be a dict (a checkpoint or its 'state_dict'), got {type(state_dict).__name__}")
+    sd = state_dict.get('state_dict', state_dict)
+    out, rest = {}, []
+    for k, v in sd.items():
+        for pat, rep in _DDQ_RCNN_ROI_RULES:
+            if re.fullmatch(pat, k): out[re.sub(pat, rep, k)] = v; break
+        else:
+            if k.startswith('roi_head.') or k.startswith('rpn_head.compress'): raise KeyError(f"unexpected key {k!r} in the official DDQ R-CNN RoI head")
+            rest.append(k)
+    return out, rest

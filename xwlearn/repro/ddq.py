@@ -167,19 +167,18 @@ def _ddq_detr_learner(data, epochs:int, smoke:bool, bs:int, n_levels:int):
     dls = coco_dls(data, bs=bs, size=size, max_size=max_size, num_workers=0 if smoke else 8,
                    n_train=4 if smoke else None, n_valid=2 if smoke else None, device='cpu' if smoke else None)
     ds = dls.train.dataset; ds = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
-    # 4 scales: C3–C5 + P6 (strides 8–64); 5 scales: C2–C5 + P6 (strides 4–64)
+    # 4 scales: C3–C5 + one stride-2 conv on C5 (strides 8–64); 5 scales: C2–C5 + the same (strides 4–64)
     body = TimmFeatures('resnet50', out_indices=(2, 3, 4) if n_levels == 4 else (1, 2, 3, 4), pretrained=not smoke)
-    model = DDQDETR(BackboneFPN(body, 256, p6p7=True), ds.num_classes - 1, n_levels=n_levels,
+    model = DDQDETR(body, ds.num_classes - 1, n_levels=n_levels,                  # the official layout: `convert_official_ddq_detr` loads its checkpoints
                     n_queries=30 if smoke else 900, n_enc=1 if smoke else 6, n_dec=2 if smoke else 6)
     lr = 2e-4 * bs * int(os.environ.get('WORLD_SIZE', 1)) / 16
     base = step_schedule(lr, [11 * epochs / 12], epochs)
     sched = lambda pct: [0.1 * base(pct), base(pct)]              # backbone ×0.1
-    splitter = lambda m: [list(m.detector.fpn.body.parameters()), [p for n, p in m.detector.named_parameters() if not n.startswith('fpn.body.')]]
-    terms = ('enc',) + tuple(f'd{l}{s}' for l in range(len(model.cls_heads)) for s in ('', '_dense'))
-    return detection_learner(dls, model, opt_func=partial(Adam, decouple_wd=True), lr=lr, wd=0.05, loss_terms=terms,
+    splitter = lambda m: [list(m.detector.backbone.parameters()), [p for n, p in m.detector.named_parameters() if not n.startswith('backbone.')]]
+    return detection_learner(dls, model, opt_func=partial(Adam, decouple_wd=True), lr=lr, wd=0.05, loss_terms=model.loss_terms,
                              splitter=splitter, cbs=[GradientClip(0.1), ParamScheduler({'lr': sched})])
 
-_DETR_DESC = ("DDQ-DETR R50 {n}-scale (compact: no denoising queries), 900 distinct + 1350 dense queries, NMS 0.8 at the encoder "
+_DETR_DESC = ("DDQ-DETR R50 {n}-scale in the official layout, 900 distinct + 1350 dense queries, 100 denoising queries, NMS 0.8 at the encoder "
               "and between the 6 decoder layers, on COCO 2017 at 1333×800: AdamW lr 2e-4 per 16 images, wd 0.05, backbone ×0.1, "
               "grad clip 0.1, ×0.1 at epoch 11 (the official 12-epoch schedule; DETR multi-scale/crop augmentation not included)")
 

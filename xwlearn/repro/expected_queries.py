@@ -196,13 +196,13 @@ def expected_queries_coco_ddq_fcn_r50(data:Path, epochs:int=12, smoke:bool=False
     return _adamw_learner(dls, model, lr, 0.1, epochs, ('cls', 'box', 'aux_cls', 'aux_box'))
 
 @recipe('expected_queries_coco_ddq_rcnn_r50', paper='expected_queries', dataset='coco', epochs=12, smoke_epochs=1,
-        description="DDQ R-CNN R50-FPN, reduced (DDQ-FCN RPN, its 300 distinct queries as proposals, one RoI stage with an MLP "
-                    "instead of two DIIHead stages) on COCO 2017 at 1333×800: AdamW lr 1e-4 per 16 images, wd 0.05, "
+        description="DDQ R-CNN R50-FPN (DDQ-FCN RPN, its 300 distinct queries and their compressed tower features into two "
+                    "Sparse R-CNN DIIHead stages, RoI features from P3–P7) on COCO 2017 at 1333×800: AdamW lr 1e-4 per 16 images, wd 0.05, "
                     "500-iteration warm-up, ×0.1 at epochs 8 and 11 — the official ddq_rcnn_r50_1x.py schedule")
 def expected_queries_coco_ddq_rcnn_r50(data:Path, epochs:int=12, smoke:bool=False, bs:int=2):
-    "DDQ R-CNN (reduced, see the paper notebook) on COCO; `smoke`: 64-px images, 4/2 images, no pretrained backbone, CPU."
+    "DDQ R-CNN (two `DIIHead` stages, see the paper notebook) on COCO; `smoke`: 64-px images, 4/2 images, no pretrained backbone, CPU."
     import os
     dls, K = _coco_setup(data, smoke, bs)
-    model = DDQRCNN(DDQFCN(_r50_fpn(smoke), K, mode='ddq', nms_pre=1000, num_queries=300, aux_k=8), n_proposals=300, hidden=1024)
+    model = DDQRCNN(DDQFCN(_r50_fpn(smoke), K, mode='ddq', nms_pre=1000, num_queries=300, aux_k=8), n_proposals=300, head='dii')
     lr = 1e-4 * bs * int(os.environ.get('WORLD_SIZE', 1)) / 16
-    return _adamw_learner(dls, model, lr, 0.05, epochs, ('rpn_cls', 'rpn_box', 'rpn_aux_cls', 'rpn_aux_box', 'cls', 'l1', 'giou'))
+    return _adamw_learner(dls, model, lr, 0.05, epochs, ('rpn_cls', 'rpn_box', 'rpn_aux_cls', 'rpn_aux_box') + tuple(f's{k}_{t}' for k in (0, 1) for t in ('cls', 'l1', 'giou')))
