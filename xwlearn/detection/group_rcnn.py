@@ -10,14 +10,17 @@ import math
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
-from torchvision.ops import box_iou, roi_align, batched_nms
-from torchvision.models.detection._utils import BoxCoder
-from ..vision.layers import TinyBackbone, BackboneFPN, DenseHead, level_points, distance2box, fcos_losses
+from torchvision.ops import box_iou, roi_align, batched_nms, clip_boxes_to_image
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.models.detection._utils import BoxCoder, Matcher
+from torchvision.models.detection.retinanet import RetinaNetHead
+from ..vision.layers import TinyBackbone, TimmFeatures, BackboneFPN, DenseHead, level_points, distance2box, fcos_losses
 
 # %% auto #0
 __all__ = ['GROUP_RCNN_STDS', 'nearest_locations', 'group_proposals', 'instance_assign', 'max_iou_assign_all', 'roi_levels',
            'multilevel_roi_align', 'relative_coords', 'pooled_coords', 'dynamic_group_conv', 'Shared2FCHead',
-           'GroupRoIHead', 'one_box_per_point', 'GroupRCNN', 'convert_official_group_rcnn']
+           'GroupRoIHead', 'one_box_per_point', 'retina_anchors', 'P6P7', 'retina_fpn', 'GroupRCNN',
+           'official_group_rcnn', 'convert_official_group_rcnn']
 
 # %% ../../nbs/50_detection/33_detection.group_rcnn.ipynb #6fe18b28
 def _check_points(points, labels=None):
@@ -30,13 +33,14 @@ def nearest_locations(points:Tensor, # (M, 2) xy of the annotated points of one 
                       sizes:list, # (H, W) of every pyramid level, finest first
                       strides:list, # stride of every level
                       k:int=3, # locations per level (the official `pre_topk`)
+                      offset:float=0.5, # location (j + offset)·stride: 0.5 cell centres, 0 mmdet's grid (official)
                      ) -> Tensor:
     "Flat indices into `level_points(sizes, strides)` of the `k` locations nearest each point on every level: (M, L·k)."
     _check_points(points)
     if k < 1: raise ValueError(f"k: expected a positive number of locations per level, got {k}")
     out, start = [], 0
     for (h, w), s in zip(sizes, strides):
-        loc, _ = level_points([(h, w)], [s], device=points.device, dtype=points.dtype)
+        loc, _ = level_points([(h, w)], [s], offset, device=points.device, dtype=points.dtype)
         out.append(torch.cdist(points, loc).topk(min(k, h * w), dim=1, largest=False).indices + start)
         start += h * w
     return torch.cat(out, 1)
@@ -47,6 +51,7 @@ def group_proposals(boxes:Tensor, # (M, G0, 4) xyxy: the candidate boxes of each
                     labels:Tensor, # (M,) the class of each point
                     iou_thr:float=0.7, # NMS across the groups of one class (official `rpn_iou`)
                     top_n:int=50, # survivors kept per group (official `rpn_nms_topk`)
+                    cross:bool=True, # NMS across the groups of a class (official); False: within each group only
                    ) -> tuple:
     "Cross-group NMS per class, then each group's best `top_n` survivors: `(boxes (M, top_n, 4), scores (M, top_n), valid (M, top_n))`."
     if boxes.ndim != 3 or boxes.shape[-1] != 4: raise ValueError(f"boxes: expected (M, G0, 4), got {tuple(boxes.shape)}")
@@ -57,7 +62,7 @@ def group_proposals(boxes:Tensor, # (M, G0, 4) xyxy: the candidate boxes of each
     valid = torch.zeros(M, top_n, dtype=torch.bool, device=boxes.device)
     if M == 0: return out_b, out_s, valid
     grp = torch.arange(M, device=boxes.device).repeat_interleave(G0)
-    keep = batched_nms(boxes.reshape(-1, 4), scores.reshape(-1), labels[grp], iou_thr)   # by decreasing score
+    keep = batched_nms(boxes.reshape(-1, 4), scores.reshape(-1), labels[grp] if cross else grp, iou_thr)   # by decreasing score
     g = grp[keep]
     rank = F.one_hot(g, M).cumsum(0)[torch.arange(len(g), device=g.device), g] - 1      # rank of each survivor in its group
     sel = rank < top_n
@@ -120,10 +125,11 @@ def multilevel_roi_align(feats:list, # pyramid maps (B, C, H_l, W_l), finest fir
 
 def relative_coords(points:Tensor, # (M, 2) xy
                     size:tuple, stride:float, # one level: (H, W) and its stride
+                    offset:float=0.5, # location (j + offset)·stride: 0.5 cell centres, 0 mmdet's grid (official)
                    ) -> Tensor:
-    "The instance-aware coordinate map of one level: (point − cell centre) / stride, shape (M, 2, H, W)."
+    "The instance-aware coordinate map of one level: (point − location) / stride, shape (M, 2, H, W)."
     _check_points(points)
-    loc, _ = level_points([size], [stride], device=points.device, dtype=points.dtype)
+    loc, _ = level_points([size], [stride], offset, device=points.device, dtype=points.dtype)
     return ((points[:, None] - loc[None]) / stride).permute(0, 2, 1).reshape(len(points), 2, *size)
 
 def pooled_coords(points:Tensor, # (N, 2) the point of each RoI's instance
@@ -173,6 +179,7 @@ class GroupRoIHead(nn.Module):
                  finest_scale:float=56., # mmdet's RoI-level rule
                  instance_aware:bool=True, # coordinate features + dynamic conv; False: a static 1×1 conv (the control)
                  assign:str='instance', # 'instance' (Group R-CNN) or 'max_iou' (vanilla: any instance of the image)
+                 coord_offset:float=0.5, # grid offset of the coordinate maps (0.5 cell centres; 0 the official mmdet grid)
                 ):
         super().__init__()
         if assign not in ('instance', 'max_iou'): raise ValueError(f"assign: expected 'instance' or 'max_iou', got {assign!r}")
@@ -190,17 +197,23 @@ class GroupRoIHead(nn.Module):
         self.coders = [BoxCoder(tuple(1 / s for s in sd)) for sd in stds]
         self.strides, self.K, self.stages, self.roi_size = list(strides), num_classes, stages, roi_size
         self.pos_ious, self.stage_weights, self.finest_scale = tuple(pos_ious), tuple(stage_weights), finest_scale
-        self.instance_aware, self.assign = instance_aware, assign
+        self.instance_aware, self.assign, self.coord_offset = instance_aware, assign, coord_offset
 
 # %% ../../nbs/50_detection/33_detection.group_rcnn.ipynb #aa898380
+def _coord_feats(self:GroupRoIHead, feats:list, boxes:Tensor, points:Tensor) -> Tensor:
+    "RoIAlign of each group's coordinate maps at its own RoIs (the official `cood_roi_extractor`; exact at the borders too): (M·G, 2, r, r)."
+    M, G = boxes.shape[:2]
+    maps = [relative_coords(points, tuple(f.shape[-2:]), s, self.coord_offset) for f, s in zip(feats, self.strides)]
+    rois = torch.cat([torch.arange(M, device=boxes.device).repeat_interleave(G)[:, None].to(boxes.dtype), boxes.reshape(-1, 4)], 1)
+    return multilevel_roi_align(maps, self.strides, rois, self.roi_size, self.finest_scale)[0]
+
 def _stage_forward(self:GroupRoIHead, stage:int, feats:list, boxes:Tensor, valid:Tensor, img:Tensor, points:Tensor, labels:Tensor) -> tuple:
     "One cascade stage on M groups of G boxes: `(class logits (M, G, K+1), deltas (M, G, 4))`."
+    feats = feats[:len(self.strides)]                      # the RoI levels (official: P3–P6 of P3–P7)
     M, G = valid.shape; C, r = feats[0].shape[1], self.roi_size
     rois = torch.cat([img.repeat_interleave(G)[:, None].to(boxes.dtype), boxes.reshape(-1, 4)], 1)
     x, lvl = multilevel_roi_align(feats, self.strides, rois, r, self.finest_scale)
-    if self.instance_aware:
-        st = torch.as_tensor(self.strides, dtype=boxes.dtype, device=boxes.device)[lvl]
-        x = torch.cat([x, pooled_coords(points.repeat_interleave(G, 0), rois[:, 1:], st, r)], 1)
+    if self.instance_aware: x = torch.cat([x, _coord_feats(self, feats, boxes, points)], 1)
     x = self.compress_feat(x).view(M, G, C, r, r)
     if self.instance_aware:
         w = valid[..., None].to(x.dtype)
@@ -245,6 +258,7 @@ def one_box_per_point(boxes:Tensor, # (M, G, 4) each group's final boxes
                       labels:Tensor, # (M,) class of each point
                       iou_thr:float=0.5, # NMS across the groups of one class
                       img:Tensor|None=None, # (M,) image of each group (NMS never crosses images)
+                      cross:bool=True, # NMS across the groups of a class (official); False: each group's own best box
                      ) -> tuple:
     "The official selection: NMS across groups, then each group's best survivor (its own best box if none survives): `(boxes (M, 4), scores (M,))`."
     M, G = scores.shape
@@ -254,6 +268,7 @@ def one_box_per_point(boxes:Tensor, # (M, G, 4) each group's final boxes
     ar = torch.arange(M, device=boxes.device)
     img = torch.zeros_like(ar) if img is None else img
     s = scores.masked_fill(~valid, -math.inf)
+    if not cross: idx = ar * G + s.argmax(1); return boxes.reshape(-1, 4)[idx], scores.reshape(-1)[idx]
     grp = ar.repeat_interleave(G)
     ok = valid.reshape(-1).nonzero()[:, 0]
     keep = ok[batched_nms(boxes.reshape(-1, 4)[ok], s.reshape(-1)[ok], (img * (int(labels.max()) + 1) + labels)[grp[ok]], iou_thr)]
@@ -265,7 +280,10 @@ def one_box_per_point(boxes:Tensor, # (M, G, 4) each group's final boxes
     return boxes.reshape(-1, 4)[idx], scores.reshape(-1)[idx]
 
 @torch.no_grad()
-def _head_predict(self:GroupRoIHead, feats:list, props:list, valid:list, points:list, labels:list, nms_iou:float=0.5) -> list:
+def _head_predict(self:GroupRoIHead, feats:list, props:list, valid:list, points:list, labels:list, nms_iou:float=0.5,
+                  image_size:tuple|None=None, # (H, W): every stage's boxes are clipped to it (official `max_shape`)
+                  cross:bool=True, # see `one_box_per_point`
+                 ) -> list:
     "Run the cascade; class probabilities averaged over the stages; one box per point. Per image: dict(boxes, scores, labels)."
     boxes, v, img, pts, lab = _flatten_groups(props, valid, points, labels)
     prob = 0
@@ -273,10 +291,46 @@ def _head_predict(self:GroupRoIHead, feats:list, props:list, valid:list, points:
         cls, reg = _stage_forward(self, s, feats, boxes, v, img, pts, lab)
         prob = prob + cls.softmax(-1) / self.stages
         boxes = self.coders[s].decode_single(reg.reshape(-1, 4), boxes.reshape(-1, 4)).view_as(boxes)
+        if image_size is not None: boxes = clip_boxes_to_image(boxes, tuple(image_size))
     score = prob.gather(2, lab[:, None, None].expand(-1, boxes.shape[1], 1))[..., 0]
-    b, sc = one_box_per_point(boxes, score, v, lab, nms_iou, img)
+    b, sc = one_box_per_point(boxes, score, v, lab, nms_iou, img, cross)
     return [dict(boxes=b[img == i], scores=sc[img == i], labels=lab[img == i]) for i in range(len(props))]
 GroupRoIHead.predict = _head_predict
+
+# %% ../../nbs/50_detection/33_detection.group_rcnn.ipynb #4f7d67c1
+def retina_anchors(sizes:list, # (H, W) of every level, finest first
+                   strides:list, # stride of every level
+                   scales:tuple=(4., 4 * 2 ** (1 / 3), 4 * 2 ** (2 / 3)), # in strides (official octave_base_scale 4, 3 per octave)
+                   ratios:tuple=(0.5, 1., 2.), # h / w
+                   offset:float=0., # centres at (j + offset)·stride (mmdet: 0)
+                   device=None, dtype=torch.float32) -> Tensor:
+    "mmdet's `AnchorGenerator`: (Σ H·W·A, 4) xyxy, location-major, then ratio, then scale; not rounded."
+    r = torch.as_tensor(ratios, dtype=dtype, device=device).sqrt()[:, None]
+    sc = torch.as_tensor(scales, dtype=dtype, device=device)[None, :]
+    out = []
+    for (h, w), s in zip(sizes, strides):
+        ws, hs = (s * sc / r).reshape(-1), (s * sc * r).reshape(-1)
+        base = torch.stack([-ws, -hs, ws, hs], -1) / 2
+        ctr, _ = level_points([(h, w)], [s], offset, device=device, dtype=dtype)
+        out.append((ctr.repeat(1, 2)[:, None] + base[None]).reshape(-1, 4))
+    return torch.cat(out)
+
+class P6P7(LastLevelP6P7):
+    "RetinaNet's extra levels as mmdet's FPN builds them: P6 = conv(C5) when `in_channels` ≠ `out_channels` (else conv(P5)), P7 = conv(P6), ReLU before P7 only if `relu`."
+    def __init__(self, in_channels:int, out_channels:int, relu:bool=False):
+        super().__init__(in_channels, out_channels); self.relu = relu
+    def forward(self, p:list, c:list, names:list) -> tuple:
+        p6 = self.p6(p[-1] if self.use_P5 else c[-1])
+        p.extend([p6, self.p7(F.relu(p6) if self.relu else p6)]); names.extend(['p6', 'p7'])
+        return p, names
+
+def retina_fpn(backbone:nn.Module, # `channels` and `strides` of C3–C5 (e.g. `TimmFeatures('resnet50', (2, 3, 4))`)
+               out_channels:int=256, relu:bool=False) -> BackboneFPN:
+    "The official neck: FPN on C3–C5 plus P6 from C5 and P7 (mmdet `start_level=1, add_extra_convs='on_input', num_outs=5`)."
+    fpn = BackboneFPN(backbone, out_channels)
+    fpn.fpn.extra_blocks = P6P7(backbone.channels[-1], out_channels, relu)
+    fpn.strides = fpn.strides + [fpn.strides[-1] * 2, fpn.strides[-1] * 4]
+    return fpn
 
 # %% ../../nbs/50_detection/33_detection.group_rcnn.ipynb #954ea4a8
 class GroupRCNN(nn.Module):
@@ -285,34 +339,31 @@ class GroupRCNN(nn.Module):
                  fpn:nn.Module|None=None, # a pyramid (list of maps, `strides`, `out_channels`); default TinyBackbone + FPN
                  channels:int=64, # FPN channels of the default pyramid
                  k:int=3, top_n:int=50, rpn_iou:float=0.7, nms_iou:float=0.5, # official pre_topk, rpn_nms_topk, rpn_iou, roi_iou_threshold
+                 rpn:str='fcos', # 'fcos': the substrate's DenseHead; 'retina': the official 9-anchor RetinaHead (torchvision `RetinaNetHead`)
+                 grid_offset:float|None=None, # location offset in strides; default 0.5 (cell centres) for 'fcos', 0 (mmdet's grid) for 'retina'
+                 roi_num_levels:int|None=None, # pyramid levels the RoI head pools from (official: 4, P3–P6); default all
+                 grouping:bool=True, # False: the no-grouping ablation (candidates from the whole image, no cross-group NMS)
                  detach:bool=True, # the RoI head sees detached FPN maps (official)
                  rpn_kw:dict|None=None, # `fcos_losses` arguments; default: the pyramid's strides, FCOS's size ranges (3 levels: 0/32/64/∞)
                  **head_kw, # `GroupRoIHead` arguments (stages, fc, instance_aware, assign, ...)
                 ):
         super().__init__()
+        if rpn not in ('fcos', 'retina'): raise ValueError(f"rpn: expected 'fcos' or 'retina', got {rpn!r}")
         self.fpn = fpn if fpn is not None else BackboneFPN(TinyBackbone(out_strides=(8, 16, 32)), channels)
         C, strides = self.fpn.out_channels, list(self.fpn.strides)
-        self.rpn_head = DenseHead(C, num_classes, strides, n_convs=2)
+        self.rpn, self.offset = rpn, (0.5 if rpn == 'fcos' else 0.) if grid_offset is None else float(grid_offset)
+        self.num_anchors = 1 if rpn == 'fcos' else 9
+        if rpn == 'fcos': self.rpn_head = DenseHead(C, num_classes, strides, n_convs=2)
+        else:
+            self.rpn_head = RetinaNetHead(C, self.num_anchors, num_classes)
+            self.matcher, self.rpn_coder = Matcher(0.5, 0.4, allow_low_quality_matches=True), BoxCoder((1., 1., 1., 1.))
         self.projection_convs = nn.ModuleList([nn.Conv2d(C, C, 3, padding=1)])
-        self.roi_head = GroupRoIHead(C, num_classes, strides, **head_kw)
+        head_kw.setdefault('coord_offset', self.offset)
+        self.roi_head = GroupRoIHead(C, num_classes, strides[:roi_num_levels] if roi_num_levels else strides, **head_kw)
         self.strides, self.K, self.k, self.top_n, self.rpn_iou, self.nms_iou = strides, num_classes, k, top_n, rpn_iou, nms_iou
-        self.detach, self.rpn_kw = detach, dict(rpn_kw or {})
+        self.grouping, self.detach, self.rpn_kw = grouping, detach, dict(rpn_kw or {})
         self.rpn_kw.setdefault('level_strides', tuple(strides))
         if len(strides) != 3: self.rpn_kw.setdefault('bounds', (0,) + tuple(64 * 2 ** i for i in range(len(strides) - 1)) + (math.inf,))  # FCOS's ranges
-
-    def proposals(self, out:dict, targets:list) -> tuple:
-        "Each point's group: the RPN boxes at its `k` nearest locations per level, scored for its class, after cross-group NMS."
-        locs, _ = level_points(out['sizes'], self.strides, device=out['box'].device, dtype=out['box'].dtype)
-        props, valid = [], []
-        for b, t in enumerate(targets):
-            _check_points(t['points'], t['labels'])
-            idx = nearest_locations(t['points'], out['sizes'], self.strides, self.k)            # (M, L·k)
-            boxes = distance2box(locs[idx], out['box'][b, idx]).detach()
-            sc = (out['cls'][b, idx].sigmoid() * out['quality'][b, idx].sigmoid()).sqrt()
-            sc = sc.gather(2, t['labels'][:, None, None].expand(-1, idx.shape[1], 1))[..., 0].detach()
-            p, _, v = group_proposals(boxes, sc, t['labels'], self.rpn_iou, self.top_n)
-            props.append(p); valid.append(v)
-        return props, valid
 
     def forward(self, images:Tensor, # (B, 3, H, W)
                 targets:list, # per image dict(points (M, 2) xy, labels (M,) in [0, K)[, boxes (M, 4) xyxy for training])
@@ -321,26 +372,89 @@ class GroupRCNN(nn.Module):
         if images.ndim != 4: raise ValueError(f"images: expected (B, 3, H, W), got {tuple(images.shape)}")
         if len(targets) != len(images): raise ValueError(f"targets: expected one per image ({len(images)}), got {len(targets)}")
         feats = self.fpn(images)
-        out = self.rpn_head(feats)
-        props, valid = self.proposals(out, targets)
+        out, boxes, scores = self.rpn_outputs(feats, tuple(images.shape[-2:]))
+        props, valid = self.proposals(boxes, scores, out['sizes'], targets)
         rf = [f.detach() if self.detach else f for f in feats]
         rf = [F.relu(conv(f)) for conv in self.projection_convs for f in rf]
         pts, labs = [t['points'] for t in targets], [t['labels'] for t in targets]
-        if not self.training: return self.roi_head.predict(rf, props, valid, pts, labs, self.nms_iou)
+        if not self.training:
+            return self.roi_head.predict(rf, props, valid, pts, labs, self.nms_iou, tuple(images.shape[-2:]), self.grouping)
         if any('boxes' not in t for t in targets): raise ValueError("targets: training needs 'boxes' (M, 4) for every image")
-        locs, st = level_points(out['sizes'], self.strides, device=images.device, dtype=feats[0].dtype)
-        losses = {f'rpn.{k}': v for k, v in fcos_losses(out, locs, st, targets, **self.rpn_kw).items()}
+        losses = {f'rpn.{k}': v for k, v in self.rpn_loss(out, targets).items()}
         losses.update(self.roi_head.loss(rf, props, valid, pts, labs, [t['boxes'] for t in targets]))
         return losses
 
+# %% ../../nbs/50_detection/33_detection.group_rcnn.ipynb #a2343886
+@torch.no_grad()
+def _rpn_boxes(self:GroupRCNN, out:dict) -> tuple:
+    "Decoded RPN boxes (B, N, 4) and class scores (B, N, K) over all locations (× anchors), finest level first."
+    if self.rpn == 'fcos':
+        locs, _ = level_points(out['sizes'], self.strides, self.offset, device=out['box'].device, dtype=out['box'].dtype)
+        return distance2box(locs, out['box']), (out['cls'].sigmoid() * out['quality'].sigmoid()).sqrt()
+    a = retina_anchors(out['sizes'], self.strides, offset=self.offset, device=out['cls_logits'].device, dtype=out['cls_logits'].dtype)
+    B, N = out['cls_logits'].shape[:2]
+    boxes = self.rpn_coder.decode_single(out['bbox_regression'].reshape(-1, 4), a.repeat(B, 1)).view(B, N, 4)
+    return boxes, out['cls_logits'].sigmoid()
+
+def _rpn_outputs(self:GroupRCNN, feats:list, image_size:tuple) -> tuple:
+    "The RPN on the pyramid: `(raw head output with 'sizes', boxes (B, N, 4) clipped to the image, class scores (B, N, K))`."
+    out = self.rpn_head(feats)
+    out['sizes'] = [tuple(f.shape[-2:]) for f in feats]
+    boxes, scores = _rpn_boxes(self, out)
+    return out, clip_boxes_to_image(boxes, image_size), scores
+
+def _candidates(self:GroupRCNN, points:Tensor, labels:Tensor, scores:Tensor, sizes:list) -> Tensor:
+    "Indices (M, G0) of each point's candidates among the N RPN boxes: its k nearest locations × anchors per level, or (no grouping) the image's best boxes of its class."
+    A, ks = self.num_anchors, [min(self.k, h * w) for h, w in sizes]
+    if not self.grouping: return scores[:, labels].T.topk(min(A * sum(ks), len(scores)), dim=1).indices
+    idx, parts, start = nearest_locations(points, sizes, self.strides, self.k, self.offset), [], 0
+    for kl in ks:                                             # official `repeat_index` order: level, anchor, rank
+        i = idx[:, start:start + kl]; start += kl
+        parts.append((A * i[:, None, :] + torch.arange(A, device=i.device)[None, :, None]).flatten(1))
+    return torch.cat(parts, 1)
+
+def _proposals(self:GroupRCNN, boxes:Tensor, scores:Tensor, sizes:list, targets:list) -> tuple:
+    "Each point's group: its candidates scored for its class, cross-group NMS, the best `top_n`: per image `(boxes (M, top_n, 4), valid (M, top_n))`."
+    props, valid = [], []
+    for b, t in enumerate(targets):
+        _check_points(t['points'], t['labels'])
+        idx = _candidates(self, t['points'].to(boxes.dtype), t['labels'], scores[b], sizes)
+        sc = scores[b, idx].gather(2, t['labels'][:, None, None].expand(-1, idx.shape[1], 1))[..., 0]
+        p, _, v = group_proposals(boxes[b, idx].detach(), sc.detach(), t['labels'], self.rpn_iou, self.top_n, self.grouping)
+        props.append(p); valid.append(v)
+    return props, valid
+
+def _rpn_loss(self:GroupRCNN, out:dict, targets:list) -> dict:
+    "FCOS losses, or RetinaNet's (focal + L1 on MaxIoU 0.5/0.4 matches, torchvision's `RetinaNetHead.compute_loss`)."
+    if self.rpn == 'fcos':
+        locs, st = level_points(out['sizes'], self.strides, self.offset, device=out['box'].device, dtype=out['box'].dtype)
+        return fcos_losses(out, locs, st, targets, **self.rpn_kw)
+    a = retina_anchors(out['sizes'], self.strides, offset=self.offset, device=out['cls_logits'].device, dtype=out['cls_logits'].dtype)
+    matched = [self.matcher(box_iou(t['boxes'].to(a.dtype), a)) if len(t['boxes'])
+               else torch.full((len(a),), -1, dtype=torch.long, device=a.device) for t in targets]
+    l = self.rpn_head.compute_loss(targets, out, [a] * len(targets), matched)
+    return dict(cls=l['classification'], box=l['bbox_regression'])
+
+GroupRCNN.rpn_outputs, GroupRCNN.proposals, GroupRCNN.rpn_loss = _rpn_outputs, _proposals, _rpn_loss
+
 # %% ../../nbs/50_detection/33_detection.group_rcnn.ipynb #4691d77b
 _OFFICIAL_RULES = ((r'^backbone\.', 'fpn.body.m.'), (r'^neck\.lateral_convs\.(\d)\.conv\.', r'fpn.fpn.inner_blocks.\1.0.'),
-                   (r'^neck\.fpn_convs\.([0-2])\.conv\.', r'fpn.fpn.layer_blocks.\1.0.'), (r'^neck\.fpn_convs\.4\.conv\.', 'fpn.fpn.extra_blocks.p7.'),
+                   (r'^neck\.fpn_convs\.([0-2])\.conv\.', r'fpn.fpn.layer_blocks.\1.0.'),
+                   (r'^neck\.fpn_convs\.3\.conv\.', 'fpn.fpn.extra_blocks.p6.'), (r'^neck\.fpn_convs\.4\.conv\.', 'fpn.fpn.extra_blocks.p7.'),
+                   (r'^rpn_head\.cls_convs\.(\d)\.conv\.', r'rpn_head.classification_head.conv.\1.0.'),
+                   (r'^rpn_head\.reg_convs\.(\d)\.conv\.', r'rpn_head.regression_head.conv.\1.0.'),
+                   (r'^rpn_head\.retina_cls\.', 'rpn_head.classification_head.cls_logits.'),
+                   (r'^rpn_head\.retina_reg\.', 'rpn_head.regression_head.bbox_reg.'),
                    (r'^(roi_head\.|projection_convs\.)', r'\1'))
+
+def official_group_rcnn(num_classes:int=80, pretrained_backbone:bool=False, **kw) -> GroupRCNN:
+    "The released teacher's architecture: ResNet-50 (timm) + FPN with P6 from C5, RetinaHead RPN, RoIs from P3–P6, 256 channels."
+    fpn = retina_fpn(TimmFeatures('resnet50', out_indices=(2, 3, 4), pretrained=pretrained_backbone), 256)
+    return GroupRCNN(num_classes, fpn=fpn, rpn='retina', roi_num_levels=4, **kw)
 
 def convert_official_group_rcnn(sd:dict, # the official checkpoint's `state_dict` (mmdet 2.x layout)
                                ) -> tuple:
-    "Official keys → a `GroupRCNN` on `BackboneFPN(TimmFeatures('resnet50', (2, 3, 4)), 256, p6p7=True)`: `(state_dict, left_out keys)`."
+    "Official keys → an `official_group_rcnn()`: `(state_dict, left_out keys)`; a released checkpoint leaves none out."
     import re
     out, left = {}, []
     for k, v in sd.items():

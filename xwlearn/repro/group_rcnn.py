@@ -15,14 +15,15 @@ import torch
 from torch import nn, Tensor
 
 from ..core import reproduction, recipe, better, Measured, set_seed
-from ..detection.group_rcnn import GroupRCNN
+from ..detection.group_rcnn import GroupRCNN, official_group_rcnn
 from ..vision.scenes import make_scenes
 from ..vision.evaluation import coco_evaluate, point_box_scores
 from .kit import save_fig, seeds_line, step_schedule
 
 # %% auto #0
-__all__ = ['GRC_CLASSES', 'GRC_STEPS', 'GRC_ARMS', 'GRC_TINY', 'GRC_PAPER', 'crowded_scenes', 'train_group_rcnn',
-           'point_box_eval', 'group_rcnn_reproduction', 'points_in_boxes', 'PointTeacher', 'group_rcnn_coco_r50']
+__all__ = ['GRC_CLASSES', 'GRC_STEPS', 'GRC_STUDENT_STEPS', 'GRC_ARMS', 'GRC_TINY', 'GRC_PAPER', 'crowded_scenes',
+           'train_group_rcnn', 'point_box_eval', 'pseudo_boxes', 'train_student', 'detector_ap',
+           'group_rcnn_reproduction', 'points_in_boxes', 'PointTeacher', 'group_rcnn_coco_r50']
 
 # %% ../../nbs/50_detection/33a_repro.group_rcnn.ipynb #ad983ef8
 GRC_CLASSES = ('square',)
@@ -76,7 +77,8 @@ def point_box_eval(model:GroupRCNN, x:Tensor, tg:list, bs:int=32,
     model.eval(); pts = [dict(points=t['all_points'][:, 0], labels=t['labels']) for t in tg]; pred = []
     for s in range(0, len(x), bs):
         if rpn:
-            props, _ = model.proposals(model.rpn_head(model.fpn(x[s:s + bs])), pts[s:s + bs])
+            xb = x[s:s + bs]; out, boxes, scores = model.rpn_outputs(model.fpn(xb), tuple(xb.shape[-2:]))
+            props, _ = model.proposals(boxes, scores, out['sizes'], pts[s:s + bs])
             pred += [dict(boxes=p[:, 0], scores=torch.ones(len(p)), labels=t['labels']) for p, t in zip(props, pts[s:s + bs])]
         else: pred += model(x[s:s + bs], pts[s:s + bs])
     r = point_box_scores(torch.cat([p['boxes'] for p in pred]), torch.cat([t['boxes'] for t in tg]))
@@ -85,68 +87,133 @@ def point_box_eval(model:GroupRCNN, x:Tensor, tg:list, bs:int=32,
     st = coco_evaluate(_coco_gt(tg, x.shape[-1]), res)
     return dict(mIoU=r['mIoU'], recall=r['recall'], AP=st['AP'], AP50=st['AP50'], AP75=st['AP75'])
 
+# %% ../../nbs/50_detection/33a_repro.group_rcnn.ipynb #0195def8
+@torch.no_grad()
+def pseudo_boxes(model:GroupRCNN, x:Tensor, tg:list, bs:int=32) -> list:
+    "The paper's second stage, step 1: the teacher's one box per point (first point of every object) as the box labels of point-only scenes; boxes under 1 px wide or high are dropped."
+    from torchvision.ops import remove_small_boxes
+    model.eval(); out = []
+    for s in range(0, len(x), bs):
+        out += model(x[s:s + bs], [dict(points=t['all_points'][:, 0], labels=t['labels']) for t in tg[s:s + bs]])
+    return [dict(boxes=o['boxes'], labels=t['labels'], keep=remove_small_boxes(o['boxes'], 1.0)) for o, t in zip(out, tg)]
+
+def train_student(x:Tensor, boxes:list, steps:int, bs:int=8, lr:float=2e-3, seed:int=0, desc:str='') -> nn.Module:
+    "Step 2: a plain detector (the substrate's `tiny_fcos`, no points) trained on `boxes`: AdamW + one-cycle on random batches."
+    from fastprogress.fastprogress import progress_bar
+    from xwlearn.vision.detection import tiny_fcos
+    set_seed(seed); g = torch.Generator().manual_seed(seed)
+    m = tiny_fcos(len(GRC_CLASSES), width=16, size=x.shape[-1])
+    opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    m.train(); pb = progress_bar(range(steps), leave=False); pb.comment = desc
+    for _ in pb:
+        idx = torch.randint(0, len(x), (bs,), generator=g).tolist()
+        t = [dict(boxes=boxes[i]['boxes'][boxes[i]['keep']], labels=boxes[i]['labels'][boxes[i]['keep']]) if 'keep' in boxes[i] else boxes[i] for i in idx]
+        loss = sum(m(list(x[idx]), t).values())
+        opt.zero_grad(); loss.backward(); nn.utils.clip_grad_norm_(m.parameters(), 10.); opt.step(); sched.step()
+    return m
+
+@torch.no_grad()
+def detector_ap(m:nn.Module, x:Tensor, tg:list, bs:int=32) -> dict:
+    "COCO AP/AP50/AP75 of a plain detector's detections (no points) on scenes with their true boxes."
+    m.eval(); res = []
+    for s in range(0, len(x), bs):
+        for i, o in enumerate(m(list(x[s:s + bs]))):
+            res += [dict(image_id=s + i + 1, category_id=int(l) + 1, bbox=[b[0], b[1], b[2] - b[0], b[3] - b[1]], score=float(sc))
+                    for b, sc, l in zip(o['boxes'].tolist(), o['scores'].tolist(), o['labels'].tolist())]
+    st = coco_evaluate(_coco_gt(tg, x.shape[-1]), res)
+    return dict(AP=st['AP'], AP50=st['AP50'], AP75=st['AP75'])
+
 # %% ../../nbs/50_detection/33a_repro.group_rcnn.ipynb #24fff415
-def _plot(res:dict, arms):
+def _plot(res:dict, arms, students:dict):
     import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw=dict(width_ratios=[1.4, 1]))
+    fig, axs = plt.subplots(1, 3, figsize=(15, 3.6), gridspec_kw=dict(width_ratios=[1.5, 0.8, 1]))
     keys, w = ('mIoU', 'recall', 'AP', 'AP50', 'AP75'), 0.8 / len(arms)
+    se = lambda v: v.std(1, ddof=1) / math.sqrt(v.shape[1]) if v.shape[1] > 1 else np.zeros(len(v))
     for i, a in enumerate(arms):
         v = np.array([[100 * s if k in ('mIoU', 'recall') or 'RPN' not in a else np.nan for s in res[a][k]] for k in keys])  # RPN row: unscored boxes, no AP
-        se = v.std(1, ddof=1) / math.sqrt(v.shape[1]) if v.shape[1] > 1 else np.zeros(len(keys))
-        axs[0].bar(np.arange(len(keys)) + (i - len(arms) / 2 + 0.5) * w, v.mean(1), w, yerr=se, capsize=2, label=a)
+        axs[0].bar(np.arange(len(keys)) + (i - len(arms) / 2 + 0.5) * w, v.mean(1), w, yerr=se(v), capsize=2, label=a)
     axs[0].set_xticks(range(len(keys)), ['mean IoU', 'recall@0.5', 'AP', 'AP50', 'AP75']); axs[0].set_ylabel('%')
-    axs[0].legend(fontsize=8); axs[0].set_title('one box per point, held-out crowded scenes (mean ± SE over seeds)', fontsize=9)
+    axs[0].legend(fontsize=8); axs[0].set_title('teacher: one box per point, held-out crowded scenes (mean ± SE over seeds)', fontsize=9)
+    sk, w = ('AP', 'AP50', 'AP75'), 0.8 / len(students)
+    for i, (a, r) in enumerate(students.items()):
+        v = np.array([[100 * s for s in r[k]] for k in sk])
+        axs[1].bar(np.arange(len(sk)) + (i - len(students) / 2 + 0.5) * w, v.mean(1), w, yerr=se(v), capsize=2, label=a)
+    axs[1].set_xticks(range(len(sk)), sk); axs[1].legend(fontsize=7); axs[1].set_title('student FCOS trained on the boxes (no points)', fontsize=9)
     for a in arms:
         if not res[a].get('losses'): continue
-        axs[1].plot(np.mean([np.convolve(s, np.ones(10) / 10, mode='valid') for s in res[a]['losses']], 0), label=a)
-    axs[1].set_xlabel('step'); axs[1].set_ylabel('training loss (10-step mean)'); axs[1].set_yscale('log'); axs[1].legend(fontsize=8)
+        axs[2].plot(np.mean([np.convolve(s, np.ones(10) / 10, mode='valid') for s in res[a]['losses']], 0), label=a)
+    axs[2].set_xlabel('step'); axs[2].set_ylabel('teacher training loss (10-step mean)'); axs[2].set_yscale('log'); axs[2].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 # %% ../../nbs/50_detection/33a_repro.group_rcnn.ipynb #063f882f
-GRC_STEPS = 600  # training steps of the quick reproduction
-GRC_ARMS = ('Group R-CNN', 'vanilla R-CNN')
-_ARM_KW = {'Group R-CNN': dict(instance_aware=True, assign='instance'), 'vanilla R-CNN': dict(instance_aware=False, assign='max_iou')}
+GRC_STEPS = 200  # teacher training steps of the quick reproduction (600 before the no-grouping arm and the students were added)
+GRC_STUDENT_STEPS = 150  # student training steps
+GRC_ARMS = ('Group R-CNN', 'no grouping', 'vanilla R-CNN')
+_ARM_KW = {'Group R-CNN': dict(instance_aware=True, assign='instance'),
+           'no grouping': dict(instance_aware=True, assign='instance', grouping=False),
+           'vanilla R-CNN': dict(instance_aware=False, assign='max_iou')}
 GRC_TINY = dict(channels=32, fc=256, top_n=16)   # the CPU model: 32-channel P3–P5, FC 256, 16 proposals per group
-GRC_PAPER = "teacher point→box AP 39.2 on COCO val2017 with GT points (R50-FPN, 24 epochs, 10 % box-labelled train2017; README)"
+GRC_PAPER = "teacher point→box AP 39.2 on COCO val2017 with GT points (R50-FPN, 24 epochs, 10 % box-labelled train2017; README); student FCOS 33.1 AP"
 
 @reproduction('group_rcnn',
     claim="Instance-level proposal grouping, instance-level assignment and instance-aware representation turn each point into "
-          "a better box than a vanilla R-CNN point-to-box regressor, above all in crowds of one class.",
+          "a better box than a vanilla R-CNN point-to-box regressor, above all in crowds of one class; a detector trained on "
+          "Group R-CNN's boxes is the better for it.",
     paper_value=GRC_PAPER + "; the paper ablates the three components one by one, each adding AP",
     scale="64×64 procedural scenes of 3–7 heavily overlapping rotated squares (one class, ≤ 70 % occlusion, crowding 1), "
           "points drawn inside the visible masks; TinyBackbone + FPN P3–P5 (32 channels), FCOS RPN, 3-stage cascade with "
-          "FC 256 and 16 proposals per group; 400 training scenes, 600 AdamW steps of 4, 3 seeds, 1 CPU thread; "
-          "point→box mIoU, recall@0.5 and COCO AP on 100 held-out scenes, one point per object")
+          "FC 256 and 16 proposals per group; 400 box-labelled training scenes, 200 AdamW steps of 4, three teacher arms; "
+          "students: tiny FCOS, 150 steps of 8 on 200 point-only scenes labelled by each teacher; 3 seeds, 1 CPU thread; "
+          "point→box mIoU, recall@0.5 and COCO AP, and student COCO AP, on 100 held-out scenes")
 def group_rcnn_reproduction(out_dir:Path, test:bool=False) -> Measured:
-    "Train Group R-CNN and the vanilla point-conditioned R-CNN (same network, no instance-level parts) on crowded scenes; score one box per point."
+    "Group R-CNN vs its no-grouping ablation vs a vanilla point-conditioned R-CNN; then a student FCOS on each teacher's boxes."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    n_train, n_valid, steps, bs = (16, 8, 2, 2) if test else (400, 100, GRC_STEPS, 4)
+    n_train, n_point, n_valid, steps, s_steps, bs = (16, 8, 8, 2, 2, 2) if test else (400, 200, 100, GRC_STEPS, GRC_STUDENT_STEPS, 4)
     seeds = (0, 1) if test else (0, 1, 2)
     x, tg = crowded_scenes(n_train, seed=0)
+    xp, tp = crowded_scenes(n_point, seed=2)                  # point-only scenes: their boxes are only for the oracle student
     xv, tv = crowded_scenes(n_valid, seed=1)
     keys = ('mIoU', 'recall', 'AP', 'AP50', 'AP75')
     arms = GRC_ARMS + ('RPN best box (Group R-CNN)',)
-    res = {a: {k: [] for k in keys + ('losses',)} for a in arms}
+    studs = ('on Group R-CNN boxes', 'on vanilla R-CNN boxes', 'on true boxes')
+    res = {a: {k: [] for k in keys + ('losses', 'pseudo mIoU')} for a in arms}
+    st = {a: {k: [] for k in ('AP', 'AP50', 'AP75')} for a in studs}
     for seed in seeds:
         for a in GRC_ARMS:
             set_seed(seed); det = GroupRCNN(len(GRC_CLASSES), **GRC_TINY, **_ARM_KW[a])
             res[a]['losses'].append(train_group_rcnn(det, x, tg, steps, bs, seed=seed, desc=f'{a}, seed {seed}'))
             for k, v in point_box_eval(det, xv, tv).items(): res[a][k].append(v)
             if a == 'Group R-CNN':
-                for k, v in point_box_eval(det, xv, tv, rpn=True).items(): res[arms[2]][k].append(v)
-    g, v, r = res['Group R-CNN'], res['vanilla R-CNN'], res[arms[2]]
+                for k, v in point_box_eval(det, xv, tv, rpn=True).items(): res[arms[-1]][k].append(v)
+            if a in ('Group R-CNN', 'vanilla R-CNN'):
+                pl = pseudo_boxes(det, xp, tp)
+                res[a]['pseudo mIoU'].append(point_box_scores(torch.cat([p['boxes'] for p in pl]), torch.cat([t['boxes'] for t in tp]))['mIoU'])
+                m = train_student(xp, pl, s_steps, 2 * bs, seed=seed, desc=f'student {a}, seed {seed}')
+                for k, v in detector_ap(m, xv, tv).items(): st[f'on {a} boxes'][k].append(v)
+        m = train_student(xp, [dict(boxes=t['boxes'], labels=t['labels']) for t in tp], s_steps, 2 * bs, seed=seed, desc=f'student on true boxes, seed {seed}')
+        for k, v in detector_ap(m, xv, tv).items(): st['on true boxes'][k].append(v)
+    g, n, v, r = (res[a] for a in arms)
     checks = [better("Group R-CNN > vanilla R-CNN, point→box mIoU", g['mIoU'], v['mIoU']),
               better("Group R-CNN > vanilla R-CNN, point→box AP", g['AP'], v['AP']),
+              better("Group R-CNN > no grouping, point→box mIoU", g['mIoU'], n['mIoU']),
+              better("student on Group R-CNN boxes > on vanilla R-CNN boxes, AP", st[studs[0]]['AP'], st[studs[1]]['AP']),
               better("Group R-CNN's cascade > its RPN's best grouped box, mIoU", g['mIoU'], r['mIoU'])]
-    plots = [save_fig(_plot(res, arms), out_dir, 'group_rcnn_point_to_box.png')]
+    plots = [save_fig(_plot(res, arms, st), out_dir, 'group_rcnn_point_to_box.png')]
     measured = ("mIoU (%) " + ", ".join(seeds_line(a, [100 * s for s in res[a]['mIoU']], '{:.1f}') for a in arms)
-                + "; AP (%) " + ", ".join(seeds_line(a, [100 * s for s in res[a]['AP']], '{:.1f}') for a in GRC_ARMS))
-    notes = ("Paper: " + GRC_PAPER + " — COCO numbers, not comparable with these. The control keeps the grouping and the "
-             "one-box-per-point selection; it drops instance-level assignment (max IoU over all instances), the coordinate "
-             "features and the dynamic conv (a static 1×1 conv instead). RPN: FCOS-style head, not RetinaHead.")
-    values = dict(arms={a: {k: [float(s) for s in res[a][k]] for k in keys} for a in arms}, seeds=list(seeds), steps=steps, bs=bs,
-                  n_train=n_train, n_valid=n_valid, objects_valid=sum(len(t['labels']) for t in tv))
+                + "; AP (%) " + ", ".join(seeds_line(a, [100 * s for s in res[a]['AP']], '{:.1f}') for a in GRC_ARMS)
+                + "; student AP (%) " + ", ".join(seeds_line(a, [100 * s for s in st[a]['AP']], '{:.1f}') for a in studs))
+    notes = ("Paper: " + GRC_PAPER + " — COCO numbers, not comparable with these. The vanilla control keeps the grouping and "
+             "the one-box-per-point selection; it drops instance-level assignment (max IoU over all instances), the coordinate "
+             "features and the dynamic conv (a static 1×1 conv instead). The no-grouping arm keeps everything else of Group "
+             "R-CNN but takes each point's candidates from the whole image (its class's best RPN boxes, no cross-group NMS). "
+             "Students are trained on the point-only scenes' generated boxes alone (the paper adds the 10 % box-labelled images). "
+             "RPN: FCOS-style head, not RetinaHead.")
+    values = dict(arms={a: {k: [float(s) for s in res[a][k]] for k in keys + ('pseudo mIoU',)} for a in arms},
+                  students={a: {k: [float(s) for s in st[a][k]] for k in st[a]} for a in studs}, seeds=list(seeds), steps=steps,
+                  student_steps=s_steps, bs=bs, n_train=n_train, n_point=n_point, n_valid=n_valid,
+                  objects_valid=sum(len(t['labels']) for t in tv))
     return Measured(measured, checks, values=values, plots=plots, notes=notes)
 
 # %% ../../nbs/50_detection/33a_repro.group_rcnn.ipynb #b2fe6059
@@ -164,7 +231,8 @@ class PointTeacher(nn.Module):
         self.model, self.size_divisor, self.seed, self._points = model, size_divisor, seed, None
         self.register_buffer('mean', torch.tensor(mean).view(3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(std).view(3, 1, 1), persistent=False)
-        self.loss_terms = ('rpn.cls', 'rpn.box', 'rpn.quality', 's0.cls', 's0.box', 's1.cls', 's1.box', 's2.cls', 's2.box')
+        self.loss_terms = ('rpn.cls', 'rpn.box') + (('rpn.quality',) if model.rpn == 'fcos' else ()) + tuple(
+            f's{s}.{k}' for s in range(model.roi_head.stages) for k in ('cls', 'box'))
 
     def _batch(self, images:list) -> Tensor:
         d = self.size_divisor
@@ -204,7 +272,6 @@ def group_rcnn_coco_r50(data:Path, epochs:int=24, smoke:bool=False,
     from fastai.callback.schedule import ParamScheduler
     from fastai.optimizer import SGD
     from xwlearn.vision.detection import coco_dls, detection_learner
-    from xwlearn.vision.layers import TimmFeatures, BackboneFPN
     size, max_size = (64, 64) if smoke else (800, 1333)
     dls = coco_dls(data, bs=bs, size=size, max_size=max_size, num_workers=0 if smoke else 8,
                    n_train=4 if smoke else None, n_valid=2 if smoke else None, device='cpu' if smoke else None)
@@ -213,8 +280,7 @@ def group_rcnn_coco_r50(data:Path, epochs:int=24, smoke:bool=False,
         keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:max(1, round(labelled * len(ds)))]
         dls.train = dls.train.new(dataset=torch.utils.data.Subset(ds, sorted(keep.tolist())))
     n_cls = base.num_classes - 1                        # labels 1..K, 0 = background
-    fpn = BackboneFPN(TimmFeatures('resnet50', out_indices=(2, 3, 4), pretrained=not smoke), 256, p6p7=True)
-    model = PointTeacher(GroupRCNN(n_cls, fpn=fpn))
+    model = PointTeacher(official_group_rcnn(n_cls, pretrained_backbone=not smoke))   # the official architecture (RetinaHead RPN, P6 from C5)
     lr = 0.02 * bs * int(os.environ.get('WORLD_SIZE', 1)) / 16
     warm = min(500 / max(len(dls.train), 1), epochs / 2)
     sched = step_schedule(lr, [16 * epochs / 24, 22 * epochs / 24], epochs, warmup=warm)
