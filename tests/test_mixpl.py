@@ -150,3 +150,91 @@ def test_callback_builds_mixpl():
     class L: model = _Stub()
     cb.learn = L(); cb.before_fit()
     assert isinstance(cb.mt, MixPL) and cb.mt.mosaic_weight == 0.25 and cb.mt.decay == 0.99 and cb.learn.mean_teacher is cb.mt
+
+# --- official checkpoints ------------------------------------------------------------------------------------
+import json
+import torch.nn.functional as F
+from pathlib import Path
+from xwlearn.detection.mixpl import convert_official_mixpl, official_faster_rcnn
+
+MANIFEST = json.loads((Path(__file__).parent/'fixtures'/'mixpl_faster_rcnn_keys.json').read_text())['keys']
+
+@pytest.fixture(scope='module')
+def official():
+    "A random float64 checkpoint in the official layout (teacher random, student left uninitialised) and our model loaded from it."
+    g = torch.Generator().manual_seed(0); sd = {}
+    for k, s in MANIFEST.items():
+        if k.endswith('num_batches_tracked'): sd[k] = torch.tensor(0)
+        elif k.startswith('student.'): sd[k] = torch.empty(s, dtype=torch.float64)
+        elif k.endswith('running_var'): sd[k] = 0.5 + torch.rand(s, generator=g, dtype=torch.float64)
+        elif len(s) > 1: sd[k] = torch.randn(s, generator=g, dtype=torch.float64) / math.sqrt(math.prod(s[1:]))
+        else: sd[k] = 0.1 * torch.randn(s, generator=g, dtype=torch.float64)
+    with torch.device('meta'): det = official_faster_rcnn()                     # no init cost: the weights are assigned
+    det.load_state_dict(convert_official_mixpl(dict(state_dict=sd), 'teacher'), strict=True, assign=True)
+    det.eval()
+    return sd, det
+
+def test_manifest_converts_and_loads_strictly_both_branches(official):
+    sd, det = official
+    ours = det.state_dict()
+    for branch in ('teacher', 'student'):
+        out = convert_official_mixpl(sd, branch)
+        n = sum(k.startswith(branch + '.') and not k.endswith('num_batches_tracked') for k in MANIFEST)
+        assert len(out) == n and set(out) == set(ours)
+        for k, v in out.items(): assert v.shape == ours[k].shape and v.dtype == ours[k].dtype, k
+    assert torch.equal(det.rpn.head.cls_logits.weight, sd['teacher.rpn_head.rpn_cls.weight'])
+    assert torch.equal(det.backbone.fpn.layer_blocks[3][0].bias, sd['teacher.neck.fpn_convs.3.conv.bias'])
+
+# A direct transcription of the official arithmetic (mmdet 3 caffe-style ResNet Bottleneck, FPN, RPNHead, Shared2FCBBoxHead) on the official keys
+def _bn(sd, x, p): return F.batch_norm(x, sd[p + '.running_mean'], sd[p + '.running_var'], sd[p + '.weight'], sd[p + '.bias'], False, 0., 1e-5)
+
+def _block(sd, x, p, stride):
+    o = F.relu(_bn(sd, F.conv2d(x, sd[p + '.conv1.weight'], stride=stride), p + '.bn1'))          # caffe: stride on the 1×1
+    o = F.relu(_bn(sd, F.conv2d(o, sd[p + '.conv2.weight'], padding=1), p + '.bn2'))
+    o = _bn(sd, F.conv2d(o, sd[p + '.conv3.weight']), p + '.bn3')
+    idt = _bn(sd, F.conv2d(x, sd[p + '.downsample.0.weight'], stride=stride), p + '.downsample.1') if p + '.downsample.0.weight' in sd else x
+    return F.relu(o + idt)
+
+def _official_features(sd, img_rgb, P='teacher.'):
+    x = img_rgb.flip(0)[None] * 255 - torch.tensor([103.53, 116.28, 123.675], dtype=torch.float64)[:, None, None]   # BGR, caffe mean, std 1
+    x = F.max_pool2d(F.relu(_bn(sd, F.conv2d(x, sd[P + 'backbone.conv1.weight'], stride=2, padding=3), P + 'backbone.bn1')), 3, 2, 1)
+    cs = []
+    for i, n in enumerate((3, 4, 6, 3)):
+        for j in range(n): x = _block(sd, x, f'{P}backbone.layer{i + 1}.{j}', 2 if j == 0 and i > 0 else 1)
+        cs.append(x)
+    lat = [F.conv2d(c, sd[f'{P}neck.lateral_convs.{i}.conv.weight'], sd[f'{P}neck.lateral_convs.{i}.conv.bias']) for i, c in enumerate(cs)]
+    for i in range(3, 0, -1): lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[2:], mode='nearest')
+    outs = [F.conv2d(l, sd[f'{P}neck.fpn_convs.{i}.conv.weight'], sd[f'{P}neck.fpn_convs.{i}.conv.bias'], padding=1) for i, l in enumerate(lat)]
+    return outs + [F.max_pool2d(outs[-1], 1, stride=2)]
+
+def test_backbone_fpn_rpn_head_equal_official_arithmetic_float64(official):
+    sd, det = official
+    img = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _official_features(sd, img)
+    ours = list(det.backbone(det.transform.normalize(img)[None]).values())
+    assert len(ours) == len(ref) == 5
+    for a, b in zip(ours, ref): torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    obj, deltas = det.rpn.head(ours)
+    P = 'teacher.rpn_head.'
+    for f, o, d in zip(ref, obj, deltas):
+        h = F.relu(F.conv2d(f, sd[P + 'rpn_conv.weight'], sd[P + 'rpn_conv.bias'], padding=1))
+        torch.testing.assert_close(o, F.conv2d(h, sd[P + 'rpn_cls.weight'], sd[P + 'rpn_cls.bias']), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(d, F.conv2d(h, sd[P + 'rpn_reg.weight'], sd[P + 'rpn_reg.bias']), rtol=1e-10, atol=1e-10)
+
+def test_box_head_equals_official_with_background_moved(official):
+    sd, det = official
+    x = torch.randn(7, 256, 7, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    P = 'teacher.roi_head.bbox_head.'
+    h = F.relu(F.linear(F.relu(F.linear(x.flatten(1), sd[P + 'shared_fcs.0.weight'], sd[P + 'shared_fcs.0.bias'])), sd[P + 'shared_fcs.1.weight'], sd[P + 'shared_fcs.1.bias']))
+    cls, reg = F.linear(h, sd[P + 'fc_cls.weight'], sd[P + 'fc_cls.bias']), F.linear(h, sd[P + 'fc_reg.weight'], sd[P + 'fc_reg.bias'])
+    logits, deltas = det.roi_heads.box_predictor(det.roi_heads.box_head(x))
+    torch.testing.assert_close(logits[:, 0], cls[:, 80], rtol=1e-10, atol=1e-10)          # background: last there, first here
+    torch.testing.assert_close(logits[:, 1:], cls[:, :80], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(deltas[:, 4:], reg, rtol=1e-10, atol=1e-10)
+    assert (deltas[:, :4] == 0).all()
+    torch.testing.assert_close(logits.softmax(1)[:, 1:], cls.softmax(1)[:, :80], rtol=1e-10, atol=1e-10)
+
+def test_converter_errors():
+    with pytest.raises(ValueError, match="branch: expected"): convert_official_mixpl({}, 'ema')
+    with pytest.raises(ValueError, match="expected keys starting with 'teacher.'"): convert_official_mixpl({'model.x': torch.zeros(1)})
+    with pytest.raises(ValueError, match="1 keys have no counterpart"): convert_official_mixpl({'teacher.roi_head.mask_head.x': torch.zeros(1)})

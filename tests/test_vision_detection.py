@@ -235,3 +235,91 @@ def test_metrics_share_one_evaluation_and_score_a_subset(root, monkeypatch):
     run = learn.metrics[0].run
     assert run.ev.img_ids == [int(i) for i in dls.valid.dataset.dataset.ids[:2]]   # the subset's images only
     with pytest.raises(ValueError, match="key must be one of"): det.CocoMetric('mAP')
+
+# --- validation losses of a two-stage detector ----------------------------------------------------------------
+def _tiny_frcnn(K=3):
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead, FastRCNNPredictor
+    from torchvision.ops import MultiScaleRoIAlign
+    bb = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(8, 16, 3, 2, 1)); bb.out_channels = 16
+    return FasterRCNN(bb, None, min_size=64, max_size=64, rpn_anchor_generator=AnchorGenerator(((16,),), ((1.0,),)),
+                      box_roi_pool=MultiScaleRoIAlign(['0'], 7, 2), box_head=TwoMLPHead(16 * 49, 32), box_predictor=FastRCNNPredictor(32, K))
+
+def test_detection_model_gives_two_stage_validation_losses():
+    "Faster R-CNN in eval with targets: the four losses (were 0: RPN/RoI heads check their own flags), equal to training's arithmetic with BN/dropout in eval; no RNG drawn, flags restored."
+    from xwlearn.vision.detection import DetectionModel, LOSS_TERMS, loss_modules
+    torch.manual_seed(0); det = _tiny_frcnn()
+    assert [type(m).__name__ for m in loss_modules(det)] == ['FasterRCNN', 'RegionProposalNetwork', 'RoIHeads']
+    g = torch.Generator().manual_seed(1)
+    ims = [torch.rand(3, 64, 64, generator=g) for _ in range(3)]
+    tgs = [dict(boxes=torch.tensor([[8., 8., 30., 40.], [40., 40., 60., 62.]]), labels=torch.tensor([1, 2])),
+           dict(boxes=torch.tensor([[20., 4., 60., 24.]]), labels=torch.tensor([2])), dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))]
+    m = DetectionModel(det).eval(); bn = det.backbone[1]; rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    rng = torch.get_rng_state()
+    with torch.no_grad(): losses, dets = m(ims, tgs)
+    assert set(losses) == set(LOSS_TERMS['FasterRCNN']) and all(float(v) > 0 for v in losses.values()), losses
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(bn.running_mean, rm) and torch.equal(bn.running_var, rv)
+    assert not any(mod.training for mod in det.modules())
+    with torch.no_grad(): plain = det(ims)
+    for a, b in zip(dets, plain): assert torch.equal(a['boxes'], b['boxes']) and torch.equal(a['scores'], b['scores'])
+    torch.set_rng_state(rng); det.train(); bn.eval(); det.backbone[3].eval()      # training arithmetic, BN and dropout in eval
+    with torch.no_grad(): ref = det(ims, tgs)
+    for k in ref: torch.testing.assert_close(losses[k], ref[k], rtol=1e-6, atol=1e-7)
+    det.train()                                                                      # train mode: the plain loss dict, unchanged
+    assert set(DetectionModel(det).train()(ims, tgs)) == set(LOSS_TERMS['FasterRCNN'])
+
+# --- scene_items and tiny_faster_rcnn replace the reproductions' copies: identical output -----------------------------
+def _old_scene_items(sc, size, EVAL_SCALE, tags=False):
+    "The copy that lived in xwlearn.repro.consistent_teacher.ct_scenes / mixpl.mixpl_scenes / wssod.wssod_scenes (with tags), verbatim."
+    import numpy as np
+    n = len(sc.images); items, anns = [], []
+    for i in range(n):
+        t = sc.target(i)
+        tg = torch.cat([torch.zeros(1, dtype=torch.bool), torch.from_numpy(np.asarray(t['tags'], bool))])
+        d = dict(boxes=torch.as_tensor(t['boxes'], dtype=torch.float32), labels=torch.as_tensor(t['labels']), image_id=i + 1)
+        if tags: d = dict(boxes=d['boxes'], labels=d['labels'], tags=tg, image_id=i + 1)
+        items.append((torch.from_numpy(sc.images[i]).permute(2, 0, 1).float() / 255, d))
+        for b, l in zip(t['boxes'].tolist(), t['labels'].tolist()):
+            w, h = (b[2] - b[0]) * EVAL_SCALE, (b[3] - b[1]) * EVAL_SCALE
+            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=int(l), bbox=[b[0] * EVAL_SCALE, b[1] * EVAL_SCALE, w, h], area=w * h, iscrowd=0))
+    gt = dict(images=[dict(id=i + 1, width=size * EVAL_SCALE, height=size * EVAL_SCALE) for i in range(n)], annotations=anns,
+              categories=[dict(id=k + 1, name=c) for k, c in enumerate(sc.classes)])
+    return items, gt, len(sc.classes)
+
+@pytest.mark.parametrize("kw,tags", [(dict(scale=(0.1, 0.22), max_objects=4, p_stuff=0.5), False),                  # Consistent-Teacher
+                                     (dict(scale=(0.05, 0.3), max_objects=5, p_stuff=0.5, long_tail=1.5), False),     # MixPL
+                                     (dict(scale=(0.1, 0.25), max_objects=4, p_stuff=0.5), True)])                     # WSSOD
+def test_scene_items_identical_to_the_reproductions_copies(kw, tags):
+    from xwlearn.vision.scenes import make_scenes
+    from xwlearn.vision.detection import scene_items
+    sc = make_scenes(12, size=64, seed=3, **kw)
+    (a, ga, ka), (b, gb, kb) = scene_items(sc, 3.0, tags=tags), _old_scene_items(sc, 64, 3.0, tags=tags)
+    assert ka == kb and ga == gb and json.dumps(ga) == json.dumps(gb)          # the ground truth, to the float and key order
+    for (ia, ta), (ib, tb) in zip(a, b):
+        assert torch.equal(ia, ib) and list(ta) == list(tb)
+        for k in ta: assert torch.equal(torch.as_tensor(ta[k]), torch.as_tensor(tb[k])) and type(ta[k]) is type(tb[k]), k
+
+def test_tiny_faster_rcnn_identical_to_the_reproductions_copies():
+    "Same seed → the same weights and the same detections as the copies in repro.mixpl (max 128, no training resize) and repro.wssod (max 64)."
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+    from xwlearn.vision.layers import BackboneFPN, TinyBackbone
+    from xwlearn.vision.detection import tiny_faster_rcnn
+    def old(K, max_size):
+        bb = BackboneFPN(TinyBackbone(widths=(16, 32, 48, 64), out_strides=(4, 8, 16)), out_channels=32, dict_out=True)
+        return FasterRCNN(bb, num_classes=K + 1, min_size=64, max_size=max_size, image_mean=[0.5] * 3, image_std=[0.25] * 3,
+                          rpn_anchor_generator=AnchorGenerator(((8,), (16,), (32,)), ((0.5, 1.0, 2.0),) * 3),
+                          box_roi_pool=MultiScaleRoIAlign(['0', '1', '2'], 7, 2), representation_size=128,
+                          rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
+                          rpn_batch_size_per_image=64, box_batch_size_per_image=64, box_detections_per_img=30, box_score_thresh=0.05)
+    x = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))]
+    for max_size, skip in ((128, True), (64, False)):
+        torch.manual_seed(5); a = tiny_faster_rcnn(6, max_size=max_size, skip_resize=skip)
+        torch.manual_seed(5); b = old(5, max_size)
+        sa, sb = a.state_dict(), b.state_dict()
+        assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert a.transform._skip_resize == skip and a.transform.max_size == max_size
+        with torch.no_grad(): oa, ob = a.eval()(x), b.eval()(x)
+        assert all(torch.equal(oa[0][k], ob[0][k]) for k in oa[0])

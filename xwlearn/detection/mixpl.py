@@ -17,7 +17,7 @@ from ..vision.semi import MeanTeacher, MeanTeacherCallback, UnlabeledStream, Pse
 # %% auto #0
 __all__ = ['SIZE_BUCKETS', 'pseudo_recall', 'frequency_groups', 'recall_table', 'box_coverage', 'erase_patches', 'flip_h',
            'resize_with_boxes', 'pseudo_mixup', 'pseudo_mosaic', 'mosaic_sizes', 'PseudoImageCache', 'MixPL',
-           'repeat_factors', 'repeat_indices', 'MixPLCallback']
+           'repeat_factors', 'repeat_indices', 'MixPLCallback', 'convert_official_mixpl', 'official_faster_rcnn']
 
 # %% ../../nbs/50_detection/31_detection.mixpl.ipynb #69f56db8
 SIZE_BUCKETS = (('small', 0.0, 32.0 ** 2), ('medium', 32.0 ** 2, 96.0 ** 2), ('large', 96.0 ** 2, math.inf))
@@ -271,3 +271,65 @@ class MixPLCallback(MeanTeacherCallback):
     def before_fit(self):
         if self.mt is None: self.mt = MixPL(self._net(), **self.kw, **self.mix_kw)
         super().before_fit()
+
+# %% ../../nbs/50_detection/31_detection.mixpl.ipynb #1a14f729
+_RPN_MAP = (('rpn_head.rpn_conv.', 'rpn.head.conv.0.0.'), ('rpn_head.rpn_cls.', 'rpn.head.cls_logits.'), ('rpn_head.rpn_reg.', 'rpn.head.bbox_pred.'),
+            ('roi_head.bbox_head.shared_fcs.0.', 'roi_heads.box_head.fc6.'), ('roi_head.bbox_head.shared_fcs.1.', 'roi_heads.box_head.fc7.'),
+            ('roi_head.bbox_head.fc_cls.', 'roi_heads.box_predictor.cls_score.'), ('roi_head.bbox_head.fc_reg.', 'roi_heads.box_predictor.bbox_pred.'))
+
+def _official_mixpl_key(k:str) -> str|None:
+    "One official (mmdet 3 Faster R-CNN) key without its teacher./student. prefix → torchvision's, or None for a key with no counterpart."
+    if k.startswith('backbone.'): return None if k.endswith('num_batches_tracked') else 'backbone.body.' + k[len('backbone.'):]
+    for a, b in (('neck.lateral_convs.', 'inner_blocks'), ('neck.fpn_convs.', 'layer_blocks')):
+        if k.startswith(a):
+            i, mod, p = k[len(a):].split('.')
+            return f'backbone.fpn.{b}.{i}.0.{p}' if mod == 'conv' and int(i) < 4 else None
+    for a, b in _RPN_MAP:
+        if k.startswith(a): return b + k[len(a):]
+    return None
+
+def convert_official_mixpl(state_dict:dict, # an official MixPL Faster R-CNN checkpoint (`{'state_dict': ...}` or the state dict itself)
+                           branch:str='teacher', # 'teacher' (what the paper evaluates: `predict_on='teacher'`) or 'student'
+                           bgr:bool=True, # the official input is BGR (caffe-style): flip conv1's input channels for RGB images
+                          ) -> dict:
+    "Official MixPL Faster R-CNN R50-caffe-FPN weights (mmdet 3) → the state dict of `official_faster_rcnn()` (torchvision's FasterRCNN)."
+    if branch not in ('teacher', 'student'): raise ValueError(f"branch: expected 'teacher' or 'student', got {branch!r}")
+    sd = state_dict.get('state_dict', state_dict)
+    pre = branch + '.'
+    if not any(k.startswith(pre) for k in sd): raise ValueError(f"state_dict: expected keys starting with {pre!r} (a MixPL checkpoint), got e.g. {list(sd)[:3]}")
+    out, unknown = {}, []
+    for k, v in sd.items():
+        if not k.startswith(pre): continue
+        n = _official_mixpl_key(k[len(pre):])
+        if n is None:
+            if not k.endswith('num_batches_tracked'): unknown.append(k)
+        else: out[n] = v
+    if unknown: raise ValueError(f"state_dict: {len(unknown)} keys have no counterpart, e.g. {unknown[:3]}")
+    if bgr: out['backbone.body.conv1.weight'] = out['backbone.body.conv1.weight'].flip(1)
+    cls_w, cls_b = 'roi_heads.box_predictor.cls_score.weight', 'roi_heads.box_predictor.cls_score.bias'
+    out[cls_w], out[cls_b] = out[cls_w].roll(1, 0), out[cls_b].roll(1, 0)      # mmdet: background last; torchvision: first
+    for p in ('weight', 'bias'):                                                  # class-specific deltas: none for the background
+        v = out[f'roi_heads.box_predictor.bbox_pred.{p}']
+        out[f'roi_heads.box_predictor.bbox_pred.{p}'] = torch.cat([v.new_zeros(4, *v.shape[1:]), v])
+    return out
+
+# %% ../../nbs/50_detection/31_detection.mixpl.ipynb #e8c93f47
+def official_faster_rcnn(num_classes:int=80, # COCO: 80 (the background is added)
+                         caffe:bool=True, # mmdet 'caffe' style: the stride-2 conv of a bottleneck is the first 1×1, not the 3×3
+                         **kw, # more `FasterRCNN` arguments (sizes, thresholds)
+                        ) -> nn.Module:
+    "torchvision's Faster R-CNN R50-FPN in the official MixPL layout: caffe-style ResNet-50 (frozen BN, stem and stage 1 frozen), caffe input normalisation (0–255 minus the BGR means, taken in RGB order), RoIAlign with adaptive sampling; load `convert_official_mixpl`'s weights into it."
+    from torchvision.models import resnet50
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+    body = resnet50(norm_layer=FrozenBatchNorm2d)
+    if caffe:
+        for layer in (body.layer2, body.layer3, body.layer4):
+            b = layer[0]; b.conv1.stride, b.conv2.stride = b.conv2.stride, (1, 1)
+    for n, p in body.named_parameters():
+        if not n.startswith(('layer2', 'layer3', 'layer4')): p.requires_grad_(False)   # frozen_stages=1
+    bb = BackboneWithFPN(body, {f'layer{i}': str(i - 1) for i in range(1, 5)}, [256, 512, 1024, 2048], 256)
+    kw = dict(dict(min_size=800, max_size=1333, image_mean=[123.675 / 255, 116.28 / 255, 103.53 / 255], image_std=[1 / 255] * 3,
+                   box_roi_pool=MultiScaleRoIAlign(['0', '1', '2', '3'], 7, sampling_ratio=0)), **kw)
+    return FasterRCNN(bb, num_classes + 1, **kw)

@@ -16,13 +16,14 @@ from torch import nn
 from ..core import reproduction, recipe, better, Measured, set_seed, mean_se
 from ..detection.consistent_teacher import ConsistentTeacherDetector, consistent_teacher_filter
 from ..nets import ModelEMA
+from ..vision.detection import scene_items
 from ..vision.evaluation import coco_evaluate
 from ..vision.scenes import make_scenes
 from ..vision.semi import MeanTeacher, ScoreThreshold, UnlabeledStream
 from .kit import save_fig, seeds_line, step_schedule
 
 # %% auto #0
-__all__ = ['EVAL_SCALE', 'CT_PAPER', 'ct_scenes', 'tiny_ct', 'jitter_boxes', 'consistent_teacher_reproduction', 'coco_fold',
+__all__ = ['EVAL_SCALE', 'CT_PAPER', 'ct_scenes', 'tiny_ct', 'jitter_boxes', 'consistent_teacher_reproduction',
            'consistent_teacher_coco_retinanet_r50', 'partial_sgd']
 
 # %% ../../nbs/50_detection/30a_repro.consistent_teacher.ipynb #a834b644
@@ -31,18 +32,7 @@ CT_PAPER = {'COCO 10 %': 40.0, 'COCO 10 % (repo)': 40.2}
 
 def ct_scenes(n:int, seed:int, size:int=64) -> tuple:
     "Scenes as loader items `(image (3,H,W) float in [0,1], dict(boxes, labels 1..K, image_id))`, the COCO ground truth, and the class count K."
-    sc = make_scenes(n, size=size, seed=seed, scale=(0.1, 0.22), max_objects=4, p_stuff=0.5)
-    items, anns = [], []
-    for i in range(n):
-        t = sc.target(i)
-        items.append((torch.from_numpy(sc.images[i]).permute(2, 0, 1).float() / 255,
-                      dict(boxes=torch.as_tensor(t['boxes'], dtype=torch.float32), labels=torch.as_tensor(t['labels']), image_id=i + 1)))
-        for b, l in zip(t['boxes'].tolist(), t['labels'].tolist()):
-            w, h = (b[2] - b[0]) * EVAL_SCALE, (b[3] - b[1]) * EVAL_SCALE
-            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=int(l), bbox=[b[0] * EVAL_SCALE, b[1] * EVAL_SCALE, w, h], area=w * h, iscrowd=0))
-    gt = dict(images=[dict(id=i + 1, width=size * EVAL_SCALE, height=size * EVAL_SCALE) for i in range(n)], annotations=anns,
-              categories=[dict(id=k + 1, name=c) for k, c in enumerate(sc.classes)])
-    return items, gt, len(sc.classes)
+    return scene_items(make_scenes(n, size=size, seed=seed, scale=(0.1, 0.22), max_objects=4, p_stuff=0.5), EVAL_SCALE)
 
 def tiny_ct(K:int, assigner:str='asa', fam3d:bool=True) -> ConsistentTeacherDetector:
     "The CPU-scale detector: TinyBackbone + FPN (32 channels, P3–P5), 2-conv towers, one anchor of 4 strides per location."
@@ -163,13 +153,6 @@ def consistent_teacher_reproduction(out_dir:Path, test:bool=False) -> Measured:
                     plots=plots, notes=notes)
 
 # %% ../../nbs/50_detection/30a_repro.consistent_teacher.ipynb #590d2bae
-def coco_fold(n:int, percent:float=10.0, seed:int=1) -> tuple:
-    "CSD/SoftTeacher-style `fold@percent` split of n training images: (labelled indices, unlabelled indices), at least one labelled."
-    if not 0 < percent < 100: raise ValueError(f"percent: expected a value in (0, 100), got {percent}")
-    p = np.random.default_rng(seed).permutation(n)
-    k = max(1, int(round(n * percent / 100)))
-    return sorted(p[:k].tolist()), sorted(p[k:].tolist())
-
 @recipe('consistent_teacher_coco_retinanet_r50', paper='consistent_teacher', dataset='coco', epochs=122, smoke_epochs=1,
         description="Consistent-Teacher on COCO train2017 10 % (fold 1): RetinaNet-style R50-FPN (P3–P7, 256 ch) with the FAM-3D head, "
                     "one anchor of 8 strides, ASA (top-13, IoU factor 2), focal + 2·GIoU; mean teacher EMA 0.9995, weak/strong views, "
@@ -188,14 +171,13 @@ def consistent_teacher_coco_retinanet_r50(data:Path, epochs:int=122, smoke:bool=
     from xwlearn.data import SeededDL
     from xwlearn.vision.detection import DetectionDataLoaders, coco_dataset, detection_collate, detection_learner
     from xwlearn.vision.layers import BackboneFPN, TimmFeatures
-    from xwlearn.vision.semi import MeanTeacherCallback
+    from xwlearn.vision.semi import MeanTeacherCallback, semi_split_indices
     from xwlearn.vision.transforms import weak_strong_views
     size, max_size = (64, 64) if smoke else (800, 1333)
     trn = coco_dataset(data, 'train2017', size, max_size, train=True)
     unl_ds = coco_dataset(data, 'train2017', size, max_size, train=False)       # the views flip it
     val = coco_dataset(data, 'val2017', size, max_size)
-    n = min(len(trn), 4) if smoke else len(trn)
-    lab, unl = coco_fold(n, percent, fold)
+    lab, unl = semi_split_indices(trn.ids, trn.ann_file, fold, percent)       # the fold@percent files (written when missing)
     unl = unl or lab                                                          # a 4-image fixture: reuse the labelled image
     kw = dict(create_batch=detection_collate, num_workers=0 if smoke else 4)
     dls = DetectionDataLoaders(SeededDL(Subset(trn, lab), bs=bs, shuffle=True, drop_last=len(lab) > bs, seed=0, **kw),

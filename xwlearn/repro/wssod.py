@@ -17,7 +17,7 @@ from torchvision.ops import box_iou
 from ..core import reproduction, recipe, better, Measured, set_seed
 from ..detection.wssod import AgentDetector, wssod_pseudo_labels
 from ..vision.evaluation import coco_evaluate
-from ..vision.layers import BackboneFPN, TinyBackbone
+from ..vision.detection import scene_items, tiny_faster_rcnn as _tiny_faster_rcnn
 from ..vision.scenes import make_scenes
 from .kit import save_fig, seeds_line
 
@@ -29,31 +29,11 @@ EVAL_SCALE = 3.0
 
 def wssod_scenes(n:int, seed:int, size:int=64) -> tuple:
     "Scenes as loader items `(image (3,H,W) in [0,1], dict(boxes, labels 1..K, tags (K+1,) bool, image_id))`, COCO ground truth (× `EVAL_SCALE`), K."
-    sc = make_scenes(n, size=size, seed=seed, scale=(0.1, 0.25), max_objects=4, p_stuff=0.5)
-    items, anns = [], []
-    for i in range(n):
-        t = sc.target(i)
-        tags = torch.cat([torch.zeros(1, dtype=torch.bool), torch.from_numpy(np.asarray(t['tags'], bool))])
-        items.append((torch.from_numpy(sc.images[i]).permute(2, 0, 1).float() / 255,
-                      dict(boxes=torch.as_tensor(t['boxes'], dtype=torch.float32), labels=torch.as_tensor(t['labels']), tags=tags, image_id=i + 1)))
-        for b, l in zip(t['boxes'].tolist(), t['labels'].tolist()):
-            w, h = (b[2] - b[0]) * EVAL_SCALE, (b[3] - b[1]) * EVAL_SCALE
-            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=int(l), bbox=[b[0] * EVAL_SCALE, b[1] * EVAL_SCALE, w, h], area=w * h, iscrowd=0))
-    gt = dict(images=[dict(id=i + 1, width=size * EVAL_SCALE, height=size * EVAL_SCALE) for i in range(n)], annotations=anns,
-              categories=[dict(id=k + 1, name=c) for k, c in enumerate(sc.classes)])
-    return items, gt, len(sc.classes)
+    return scene_items(make_scenes(n, size=size, seed=seed, scale=(0.1, 0.25), max_objects=4, p_stuff=0.5), EVAL_SCALE, tags=True)
 
 def tiny_faster_rcnn(K:int, width:int=32) -> nn.Module:
-    "A CPU-sized torchvision Faster R-CNN: TinyBackbone + FPN at strides 4/8/16, anchors 8/16/32 × 3 ratios, 128-d box head."
-    from torchvision.models.detection import FasterRCNN
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.ops import MultiScaleRoIAlign
-    bb = BackboneFPN(TinyBackbone(widths=(16, 32, 48, 64), out_strides=(4, 8, 16)), out_channels=width, dict_out=True)
-    return FasterRCNN(bb, num_classes=K + 1, min_size=64, max_size=64, image_mean=[0.5] * 3, image_std=[0.25] * 3,
-                      rpn_anchor_generator=AnchorGenerator(((8,), (16,), (32,)), ((0.5, 1.0, 2.0),) * 3),
-                      box_roi_pool=MultiScaleRoIAlign(['0', '1', '2'], 7, 2), representation_size=128,
-                      rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
-                      rpn_batch_size_per_image=64, box_batch_size_per_image=64, box_detections_per_img=30, box_score_thresh=0.05)
+    "The substrate's CPU-sized Faster R-CNN (`xwlearn.vision.detection.tiny_faster_rcnn`, images resized to 64 px) for K classes."
+    return _tiny_faster_rcnn(K + 1, width)
 
 def pseudo_quality(pseudo:list, gts:list, iou_thr:float=0.5) -> tuple:
     "(precision, recall) of pseudo boxes against hidden boxes: a pseudo box is right when a same-class box has IoU ≥ iou_thr (precision 0 when there is no pseudo box)."
@@ -177,11 +157,11 @@ def wssod_coco_faster_rcnn_r50(data:Path, epochs:int=12, smoke:bool=False, out_d
     from xwlearn.detection.wssod import tags_from_labels
     from xwlearn.vision.detection import coco_dataset
     from xwlearn.vision.evaluation import CocoEvaluator
+    from xwlearn.vision.semi import semi_split_indices
     size, max_size = (64, 64) if smoke else (800, 1333)
     trn, val = coco_dataset(data, 'train2017', size, max_size, train=True), coco_dataset(data, 'val2017', size, max_size)
-    n = min(len(trn), 4) if smoke else len(trn)
-    p = np.random.default_rng(seed).permutation(n); k = max(1, int(round(n * box_percent / 100)))
-    box_i, tag_i = sorted(p[:k].tolist()), sorted(p[k:].tolist()) or sorted(p[:k].tolist())
+    box_i, tag_i = semi_split_indices(trn.ids, trn.ann_file, seed, box_percent)   # the fold@percent files (written when missing)
+    tag_i = tag_i or box_i
     K1, dev = trn.num_classes, ('cuda' if torch.cuda.is_available() and not smoke else 'cpu')
     g = torch.Generator().manual_seed(seed)
     def item(i):

@@ -16,9 +16,9 @@ from torch import nn, Tensor
 # %% auto #0
 __all__ = ['COCO_SPLITS', 'LOSS_TERMS', 'make_shapes_detection', 'mask_to_rle', 'write_coco_shapes', 'check_coco_layout',
            'validate_coco', 'coco_report_str', 'CocoBoxes', 'coco_dataset', 'show_detections', 'DetectionDataLoaders',
-           'detection_collate', 'coco_dls', 'DetectionModel', 'detection_loss', 'DetectionCallback',
+           'detection_collate', 'coco_dls', 'loss_modules', 'DetectionModel', 'detection_loss', 'DetectionCallback',
            'LossTermsCallback', 'CocoMetric', 'coco_metrics', 'DetectionLearner', 'detection_learner', 'tiny_fcos',
-           'centred_box_baseline']
+           'centred_box_baseline', 'scene_items', 'tiny_faster_rcnn']
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #1509205b
 from fastcore.basics import patch
@@ -386,6 +386,12 @@ def coco_dls(path, # COCO root
                        SeededDL(val, bs=bs, shuffle=False, **kw), device=device or ('cuda' if torch.cuda.is_available() else 'cpu'))
 
 # %% ../../nbs/45_vision/00_vision.detection.ipynb #1b72ded3
+def loss_modules(detector:nn.Module) -> list:
+    "The modules whose `training` flag switches a loss on: the detector itself and torchvision's `RegionProposalNetwork` / `RoIHeads` (they check their own flags)."
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+    from torchvision.models.detection.roi_heads import RoIHeads
+    return [detector] + [m for m in detector.modules() if isinstance(m, (RegionProposalNetwork, RoIHeads)) and m is not detector]
+
 class DetectionModel(nn.Module):
     "Wrap a torchvision detector for fastai: train → loss dict; eval → (loss dict, detections)."
     def __init__(self, detector:nn.Module): super().__init__(); self.detector = detector
@@ -393,9 +399,14 @@ class DetectionModel(nn.Module):
         if self.training: return self.detector(images, targets)
         losses = {}
         if targets is not None:
-            nn.Module.train(self.detector, False); object.__setattr__(self.detector, 'training', True)  # top-level flag only
-            try: losses = self.detector(images, targets)
-            finally: object.__setattr__(self.detector, 'training', False)
+            nn.Module.train(self.detector, False); mods = loss_modules(self.detector)
+            devs = sorted({im.device.index or 0 for im in images if im.device.type == 'cuda'})
+            try:
+                with torch.random.fork_rng(devices=devs):      # the RPN/RoI samplers draw random numbers: keep training's stream
+                    for m in mods: object.__setattr__(m, 'training', True)
+                    losses = self.detector(images, targets)
+            finally:
+                for m in mods: object.__setattr__(m, 'training', False)
         return losses, self.detector(images)
 
 def detection_loss(pred, *yb) -> Tensor:
@@ -432,7 +443,7 @@ class LossTermsCallback(Callback):
     def before_epoch(self): self.sums = {p: torch.zeros(len(self.terms), dtype=torch.float64) for p in ('train', 'valid')}; self.n = dict(train=0, valid=0)
     def after_loss(self):
         losses = self.pred[0] if isinstance(self.pred, tuple) else self.pred
-        if not losses: return                                     # two-stage detectors give no validation losses
+        if not losses: return                                     # no targets: no losses
         p, bs = 'train' if self.training else 'valid', len(self.yb[0])
         self.sums[p] += bs * torch.tensor([float(losses[t].detach()) if t in losses else float('nan') for t in self.terms], dtype=torch.float64)
         self.n[p] += bs
@@ -537,3 +548,43 @@ def centred_box_baseline(train:CocoBoxes, # the training split: box size and cla
         box = torch.tensor([[(w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2]], dtype=torch.float32)
         out.append(dict(boxes=box.repeat(K, 1), labels=torch.arange(1, K + 1), scores=torch.as_tensor(freq, dtype=torch.float32)))
     return out
+
+# %% ../../nbs/45_vision/00_vision.detection.ipynb #b82743b3
+def scene_items(sc, # a `xwlearn.vision.scenes.Scenes` (images (n, H, W, 3) uint8)
+                eval_scale:float=1.0, # the COCO ground truth's coordinates are × this (the items keep pixel coordinates)
+                tags:bool=False, # add each image's class tags as `tags`: (K+1,) bool, index 0 (background) False
+               ) -> tuple:
+    "Scenes as detection loader items `(image (3,H,W) float in [0,1], dict(boxes, labels 1..K, [tags,] image_id))`, their COCO ground truth (ids from 1), and K."
+    n, H, W = len(sc.images), sc.images.shape[1], sc.images.shape[2]
+    items, anns = [], []
+    for i in range(n):
+        t = sc.target(i)
+        tg = dict(boxes=torch.as_tensor(t['boxes'], dtype=torch.float32), labels=torch.as_tensor(t['labels']))
+        if tags: tg['tags'] = torch.cat([torch.zeros(1, dtype=torch.bool), torch.from_numpy(np.asarray(t['tags'], bool))])
+        tg['image_id'] = i + 1
+        items.append((torch.from_numpy(sc.images[i]).permute(2, 0, 1).float() / 255, tg))
+        for b, l in zip(t['boxes'].tolist(), t['labels'].tolist()):
+            w, h = (b[2] - b[0]) * eval_scale, (b[3] - b[1]) * eval_scale
+            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=int(l), bbox=[b[0] * eval_scale, b[1] * eval_scale, w, h], area=w * h, iscrowd=0))
+    gt = dict(images=[dict(id=i + 1, width=W * eval_scale, height=H * eval_scale) for i in range(n)], annotations=anns,
+              categories=[dict(id=k + 1, name=c) for k, c in enumerate(sc.classes)])
+    return items, gt, len(sc.classes)
+
+def tiny_faster_rcnn(num_classes:int, # labels 0..num_classes-1 (K classes + background: K + 1)
+                     width:int=32, # FPN channels
+                     max_size:int=64, # torchvision's `max_size` (`min_size` is 64)
+                     skip_resize:bool=False, # training images keep their size (torchvision's `_skip_resize`: mosaics of any size)
+                    ) -> nn.Module:
+    "A CPU-sized torchvision Faster R-CNN: TinyBackbone + FPN at strides 4/8/16, anchors 8/16/32 × 3 ratios, 128-d box head."
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+    from xwlearn.vision.layers import BackboneFPN, TinyBackbone
+    bb = BackboneFPN(TinyBackbone(widths=(16, 32, 48, 64), out_strides=(4, 8, 16)), out_channels=width, dict_out=True)
+    det = FasterRCNN(bb, num_classes=num_classes, min_size=64, max_size=max_size, image_mean=[0.5] * 3, image_std=[0.25] * 3,
+                     rpn_anchor_generator=AnchorGenerator(((8,), (16,), (32,)), ((0.5, 1.0, 2.0),) * 3),
+                     box_roi_pool=MultiScaleRoIAlign(['0', '1', '2'], 7, 2), representation_size=128,
+                     rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
+                     rpn_batch_size_per_image=64, box_batch_size_per_image=64, box_detections_per_img=30, box_score_thresh=0.05)
+    if skip_resize: det.transform._skip_resize = True
+    return det

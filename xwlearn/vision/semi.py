@@ -7,6 +7,7 @@ Docs: https://xwlearn.github.io/xwlearn/45_vision/vision.semi.html.md"""
 # %% ../../nbs/45_vision/08_vision.semi.ipynb #84d10357
 from __future__ import annotations
 import math
+from pathlib import Path
 from collections import OrderedDict
 import torch
 from torch import nn, Tensor
@@ -17,7 +18,8 @@ from .transforms import MultiView, map_boxes, weak_strong_views
 
 # %% auto #0
 __all__ = ['gmm_1d', 'gmm_log_prob', 'gmm_threshold', 'PseudoFilter', 'ScoreThreshold', 'TopSumScore', 'GMMThreshold', 'Chain',
-           'PseudoLabelCache', 'UnlabeledStream', 'transfer_boxes', 'MeanTeacher', 'MeanTeacherCallback']
+           'PseudoLabelCache', 'UnlabeledStream', 'transfer_boxes', 'MeanTeacher', 'MeanTeacherCallback',
+           'semi_split_indices']
 
 # %% ../../nbs/45_vision/08_vision.semi.ipynb #6695d2b8
 def gmm_1d(x:Tensor, # (n,) samples
@@ -296,3 +298,22 @@ class MeanTeacherCallback(Callback):
     def load_checkpoint_state(self, st:dict):
         if st['decay'] != self.kw['decay']: raise ValueError(f"the checkpoint's teacher decay is {st['decay']}, this callback's {self.kw['decay']}")
         self._pending = st['mt']  # loaded in before_fit, once the teacher exists
+
+# %% ../../nbs/45_vision/08_vision.semi.ipynb #48d8e8e5
+def semi_split_indices(ids, # the training dataset's image ids, in its order (`coco_dataset(...).ids`)
+                       ann_file, # the full training instances json the split is drawn from
+                       fold:int=1, percent=10, # the split: `percent` % of the images labelled, drawn with `fold` as seed
+                       split_dir=None, # where the split files are; default `semi_supervised/` next to `ann_file` (written when missing)
+                      ) -> tuple:
+    "(labelled, unlabelled) sorted dataset indices of the `fold@percent` split, read from its files (written first with `write_coco_semi_splits` when missing)."
+    from xwlearn.vision.formats import write_coco_semi_splits, read_coco_semi_split, semi_split_names
+    if not 0 < float(percent) < 100: raise ValueError(f"percent: expected a value in (0, 100), got {percent}")
+    percent = int(percent) if float(percent).is_integer() else float(percent)
+    ann_file = Path(ann_file); split_dir = Path(split_dir) if split_dir is not None else ann_file.parent/'semi_supervised'
+    if not all((split_dir/n).is_file() for n in semi_split_names(fold, percent)):
+        write_coco_semi_splits(ann_file, split_dir, percents=(percent,), folds=(fold,))
+    lab, unl = read_coco_semi_split(split_dir, fold, percent)
+    pos = {int(i): k for k, i in enumerate(ids)}
+    missing = [i for i in list(lab['images']) + list(unl['images']) if int(i) not in pos]
+    if missing: raise ValueError(f"ids: expected every image of the split in the dataset, {len(missing)} are not, e.g. {missing[:3]}")
+    return sorted(pos[int(i)] for i in lab['images']), sorted(pos[int(i)] for i in unl['images'])
