@@ -183,7 +183,7 @@ def test_batch_images_and_errors():
 
 
 def test_official_ddq_fcn_manifest_converts_and_loads():
-    "Every key of the official DDQ-FCN R50 (manifest dumped from the official model definition) has a slot of its shape, except P6."
+    "Every key of the official DDQ-FCN R50 (manifest dumped from the official model definition) has a slot of its shape (P6 from C5: `p6p7='c5'`)."
     import json
     from pathlib import Path
     from xwlearn.detection.ddq import convert_official_ddq_fcn
@@ -191,12 +191,11 @@ def test_official_ddq_fcn_manifest_converts_and_loads():
     man = json.loads((Path(__file__).parent/'fixtures'/'ddq_fcn_r50_keys.json').read_text())['keys']
     g = torch.Generator().manual_seed(0)
     sd = {k: (torch.randint(0, 5, s, generator=g) if k.endswith('num_batches_tracked') else torch.randn(s, generator=g)) for k, s in man.items()}
-    conv, skipped = convert_official_ddq_fcn({'meta': {}, 'state_dict': sd})
-    assert skipped == ['neck.0.fpn_convs.3.conv.weight', 'neck.0.fpn_convs.3.conv.bias']
-    assert len(conv) == len(man) - 2
-    m = DDQFCN(BackboneFPN(TimmFeatures('resnet50', out_indices=(2, 3, 4)), 256, p6p7=True), 80)
-    res = m.load_state_dict(conv, strict=False)
-    assert not res.unexpected_keys and sorted(res.missing_keys) == ['fpn.fpn.extra_blocks.p6.bias', 'fpn.fpn.extra_blocks.p6.weight']
+    conv = convert_official_ddq_fcn({'meta': {}, 'state_dict': sd})
+    assert len(conv) == len(man)
+    m = DDQFCN(BackboneFPN(TimmFeatures('resnet50', out_indices=(2, 3, 4)), 256, p6p7='c5'), 80)
+    m.load_state_dict(conv, strict=True)
+    assert m.fpn.fpn.extra_blocks.p6.in_channels == 2048 and not m.fpn.fpn.extra_blocks.relu
     own = m.state_dict()
     for k, v in conv.items(): assert torch.equal(own[k], v.to(own[k].dtype)), k
     with pytest.raises(KeyError, match='unexpected key'): convert_official_ddq_fcn({'rpn_head.conv_cls.weight': torch.zeros(1)})
@@ -655,3 +654,124 @@ def test_ddq_rcnn_dii_forward_backward():
     with torch.no_grad(): d = rc(ims)
     assert all(len(x['boxes']) <= 20 and ((x['labels'] >= 1) & (x['labels'] <= 3)).all() for x in d)
     with pytest.raises(ValueError, match='head: expected'): DDQRCNN(m, head='cascade')
+
+
+def official_ddq_rcnn_neck_rpn_layout(ins=(256, 512, 1024, 2048), C=256, K=80, n_convs=4, n_levels=5):
+    """Neck and RPN-head keys -> shapes of jshilong/DDQ `DDQRCNN` (ddq_rcnn_r50_1x.py), written from the vendored mmdet 2 code:
+    necks/fpn.py with start_level=0, num_outs=len(ins)+2, add_extra_convs='on_input' (fpn_convs[len(ins)] reads the last input);
+    DDQFCNRPN = DDQFCNHead (ConvModule(conv no bias, gn), objectness 1x1 -> ReLU -> 3x3, conv_cls/conv_reg, a Scale per level,
+    the same for aux_*) + compress = Linear(2C, C)."""
+    k = {}
+    for i, c in enumerate(ins): k[f'neck.lateral_convs.{i}.conv.weight'] = [C, c, 1, 1]; k[f'neck.lateral_convs.{i}.conv.bias'] = [C]
+    for i in range(len(ins) + 2): k[f'neck.fpn_convs.{i}.conv.weight'] = [C, ins[-1] if i == len(ins) else C, 3, 3]; k[f'neck.fpn_convs.{i}.conv.bias'] = [C]
+    for t in ('cls', 'reg'):
+        for i in range(n_convs): k[f'rpn_head.{t}_convs.{i}.conv.weight'] = [C, C, 3, 3]; k[f'rpn_head.{t}_convs.{i}.gn.weight'] = [C]; k[f'rpn_head.{t}_convs.{i}.gn.bias'] = [C]
+    for a in ('', 'aux_'):
+        o = 'rpn_head.' + ('aux_conv_objectness' if a else 'objectness')
+        k[o + '.0.weight'] = [C // 4, C, 1, 1]; k[o + '.0.bias'] = [C // 4]; k[o + '.2.weight'] = [1, C // 4, 3, 3]; k[o + '.2.bias'] = [1]
+        k[f'rpn_head.{a}conv_cls.weight'] = [K, C, 3, 3]; k[f'rpn_head.{a}conv_cls.bias'] = [K]
+        k[f'rpn_head.{a}conv_reg.weight'] = [4, C, 3, 3]; k[f'rpn_head.{a}conv_reg.bias'] = [4]
+        for i in range(n_levels): k[f'rpn_head.{a}scales.{i}.scale'] = []
+    k['rpn_head.compress.weight'] = [C, 2 * C]; k['rpn_head.compress.bias'] = [C]
+    return k
+
+
+def test_official_ddq_rcnn_manifest_converts_and_loads_strictly():
+    "The full DDQ R-CNN R50 manifest (written from the code; ResNet keys from the dumped DDQ-FCN manifest) converts onto `ddq_rcnn_r50()` and loads strictly."
+    import json
+    from pathlib import Path
+    from xwlearn.detection.ddq import ddq_rcnn_r50, convert_official_ddq_rcnn
+    fx = Path(__file__).parent/'fixtures'
+    man = json.loads((fx/'ddq_rcnn_r50_keys.json').read_text())['keys']
+    fcn = json.loads((fx/'ddq_fcn_r50_keys.json').read_text())['keys']
+    assert {k: v for k, v in man.items() if k.startswith('backbone.')} == {k: v for k, v in fcn.items() if k.startswith('backbone.')}
+    assert {k: v for k, v in man.items() if k.startswith('rpn_head.') and 'compress' not in k} == {'rpn_head.' + k[10:]: v for k, v in fcn.items() if k.startswith('bbox_head.')}
+    lay = {**official_ddq_rcnn_neck_rpn_layout(), **official_ddq_rcnn_roi_layout()}
+    assert {k: v for k, v in man.items() if not k.startswith('backbone.')} == lay and len(man) == 470
+    sd = {k: (torch.zeros(s, dtype=torch.long) if k.endswith('num_batches_tracked') else torch.empty(s)) for k, s in man.items()}
+    conv = convert_official_ddq_rcnn({'meta': {}, 'state_dict': sd})
+    assert len(conv) == len(man) and len({id(v) for v in conv.values()}) == len(man)
+    with torch.device('meta'): m = ddq_rcnn_r50()
+    m.load_state_dict(conv, strict=True, assign=True)
+    own = m.state_dict()
+    assert all(own[k].data_ptr() == v.data_ptr() for k, v in conv.items() if v.numel())
+    assert m.rpn.fpn.strides == [4, 8, 16, 32, 64, 128] and m.rpn.head.strides == [8, 16, 32, 64, 128]
+    assert m.rpn.fpn.fpn.extra_blocks.p6.in_channels == 2048 and not m.rpn.fpn.fpn.extra_blocks.relu
+    with pytest.raises(KeyError, match='unexpected key'): convert_official_ddq_rcnn({'neck.fpn_convs.6.conv.weight': torch.zeros(1)})
+    with pytest.raises(KeyError, match='unexpected key'): convert_official_ddq_rcnn({'rpn_head.foo.weight': torch.zeros(1)})
+    with pytest.raises(TypeError, match='state_dict must be a dict'): convert_official_ddq_rcnn([1])
+
+
+def _official_conv_gn_relu(sd, p, x, groups):
+    return F.relu(F.group_norm(F.conv2d(x, sd[p + '.conv.weight'], None, 1, 1), groups, sd[p + '.gn.weight'], sd[p + '.gn.bias']))
+
+
+def _official_shuffle(feats, s):
+    "DDQFCNHead._single_shuffle's fused inputs: own first C-2s channels, the last s of the level above, s of the level below (bilinear, align_corners)."
+    L, C = len(feats), feats[0].shape[1]
+    r, out = C - 2 * s, []
+    for l, t in enumerate(feats):
+        top, down = feats[min(l + 1, L - 1)], feats[max(l - 1, 0)]
+        up = F.interpolate(top[:, r:][:, s:], size=t.shape[-2:], mode='bilinear', align_corners=True)
+        dn = F.interpolate(down[:, r:][:, :s], size=t.shape[-2:], mode='bilinear', align_corners=True)
+        out.append(torch.cat([t[:, :r], up, dn], 1))
+    return out
+
+
+def _official_neck_and_rpn(sd, cs, groups, s, strides):
+    "mmdet FPN.forward (start_level 0, 'on_input', no ReLU before the extra convs) and DDQFCNHead.forward on P3-P7, from official-layout tensors."
+    lat = [F.conv2d(c, sd[f'neck.lateral_convs.{i}.conv.weight'], sd[f'neck.lateral_convs.{i}.conv.bias']) for i, c in enumerate(cs)]
+    for i in range(len(lat) - 1, 0, -1): lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[2:], mode='nearest')
+    outs = [F.conv2d(l, sd[f'neck.fpn_convs.{i}.conv.weight'], sd[f'neck.fpn_convs.{i}.conv.bias'], 1, 1) for i, l in enumerate(lat)]
+    n = len(lat)
+    outs.append(F.conv2d(cs[-1], sd[f'neck.fpn_convs.{n}.conv.weight'], sd[f'neck.fpn_convs.{n}.conv.bias'], 2, 1))
+    outs.append(F.conv2d(outs[-1], sd[f'neck.fpn_convs.{n + 1}.conv.weight'], sd[f'neck.fpn_convs.{n + 1}.conv.bias'], 2, 1))
+    c = r = outs[1:]
+    for i in range(4): c = [_official_conv_gn_relu(sd, f'rpn_head.cls_convs.{i}', f, groups) for f in (_official_shuffle(c, s) if i > 1 else c)]
+    for i in range(4): r = [_official_conv_gn_relu(sd, f'rpn_head.reg_convs.{i}', f, groups) for f in (_official_shuffle(r, s) if i > 2 else r)]
+    res = {}
+    for a in ('', 'aux_'):
+        o = 'rpn_head.' + ('aux_conv_objectness' if a else 'objectness')
+        score, ltrb = [], []
+        for l, (cf, rf, st) in enumerate(zip(c, r, strides)):
+            obj = F.conv2d(F.relu(F.conv2d(rf, sd[o + '.0.weight'], sd[o + '.0.bias'])), sd[o + '.2.weight'], sd[o + '.2.bias'], 1, 1)
+            cls = F.conv2d(cf, sd[f'rpn_head.{a}conv_cls.weight'], sd[f'rpn_head.{a}conv_cls.bias'], 1, 1)
+            dist = sd[f'rpn_head.{a}scales.{l}.scale'] * F.conv2d(rf, sd[f'rpn_head.{a}conv_reg.weight'], sd[f'rpn_head.{a}conv_reg.bias'], 1, 1).exp()
+            score.append((cls.sigmoid() * obj.sigmoid()).sqrt().flatten(2).transpose(1, 2))        # sigmoid_geometric_mean
+            ltrb.append((dist * st).flatten(2).transpose(1, 2))                                    # _get_topk: bbox_pred * stride
+        res[a or 'main'] = dict(score=torch.cat(score, 1), ltrb=torch.cat(ltrb, 1))
+    return outs, res, (c, r)
+
+
+def test_converted_ddq_rcnn_pyramid_and_rpn_head_equal_the_official_forward_float64():
+    "Random official-layout neck + RPN head (C=128: GN(32) as the official 256-wide head, shuffle C/4) converted and loaded: P2-P7, the RPN's scores, distances and tower features equal the official computation in float64."
+    from xwlearn.detection.ddq import convert_official_ddq_rcnn
+    g = torch.Generator().manual_seed(0)
+    C, K = 128, 3
+    torch.manual_seed(0)
+    bb = TinyBackbone(widths=(8, 16, 16, 16, 24), out_strides=(4, 8, 16, 32))
+    m = DDQRCNN(DDQFCN(BackboneFPN(bb, C, p6p7='c5'), K, start_level=1), head='dii', n_heads=2, d_ffn=16, feat_channels=4).double()
+    lay = official_ddq_rcnn_neck_rpn_layout(tuple(bb.channels), C, K)
+    sd = {}
+    for k, s in lay.items():
+        fan = math.prod(s[1:]) if len(s) > 1 else 1
+        sd[k] = torch.randn(s, generator=g, dtype=torch.float64) / math.sqrt(fan) if len(s) > 1 else 0.1 * torch.randn(s, generator=g, dtype=torch.float64)
+        if k.endswith('gn.weight') or k.endswith('.scale'): sd[k] = sd[k] + 1
+        if 'conv_reg' in k: sd[k] = sd[k] * 0.3                                            # keep exp() of the distances moderate
+    conv = convert_official_ddq_rcnn(sd)
+    res = m.load_state_dict(conv, strict=False)
+    assert not res.unexpected_keys and all(k.startswith(('rpn.fpn.body.', 'stages.')) for k in res.missing_keys)
+    x = torch.randn(2, 3, 96, 64, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        cs = m.rpn.fpn.body(x)
+        feats = m.rpn.fpn(x)
+        m.train(); out = m.rpn.head(feats[m.rpn.start_level:])
+    ref_p, ref, (rc, rr) = _official_neck_and_rpn(sd, cs, 32, C // 4, m.rpn.head.strides)
+    assert [tuple(f.shape[-2:]) for f in feats] == [(24, 16), (12, 8), (6, 4), (3, 2), (2, 1), (1, 1)]
+    for a, b in zip(feats, ref_p): torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for br in ('main', 'aux_'):
+        ours = out['main' if br == 'main' else 'aux']
+        torch.testing.assert_close(ours['score'], ref[br]['score'], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ours['ltrb'], ref[br]['ltrb'], rtol=1e-10, atol=1e-10)
+    for a, b in zip(out['towers'][0] + out['towers'][1], rc + rr): torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert out['main']['score'].std() > 1e-3 and out['main']['ltrb'].std() > 1e-3                     # not a degenerate comparison

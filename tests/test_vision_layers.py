@@ -189,3 +189,32 @@ def test_tiny_fcos_fits():
     le = fcos_losses(head(fpn(imgs)), pts, sts, empty)
     assert le["box"] == 0 and le["quality"] == 0 and le["cls"] > 0
     sum(le.values()).backward()  # an image without boxes still trains the classifier
+
+
+def test_mmdet_extra_levels_float64():
+    import torch.nn.functional as F
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+    from xwlearn.vision.layers import ExtraP6P7
+    torch.manual_seed(0)
+    bb = TinyBackbone(widths=(8, 8, 16, 16, 24)).double()
+    x = torch.randn(2, 3, 96, 64, dtype=torch.float64)
+    cs = bb(x)
+    for src in ("c5", "p5"):
+        m = BackboneFPN(bb, 8, p6p7=src).double()
+        ps = m(x)
+        assert [tuple(f.shape[-2:]) for f in ps] == [(12, 8), (6, 4), (3, 2), (2, 1), (1, 1)] and m.strides == [8, 16, 32, 64, 128]
+        w6, b6, w7, b7 = (t.detach() for t in (m.fpn.extra_blocks.p6.weight, m.fpn.extra_blocks.p6.bias, m.fpn.extra_blocks.p7.weight, m.fpn.extra_blocks.p7.bias))
+        p6 = F.conv2d(cs[-1] if src == "c5" else ps[2], w6, b6, stride=2, padding=1)
+        assert torch.allclose(ps[3], p6, atol=1e-12) and torch.allclose(ps[4], F.conv2d(p6, w7, b7, stride=2, padding=1), atol=1e-12)
+        assert m.fpn.extra_blocks.p6.in_channels == (24 if src == "c5" else 8)
+    relu = ExtraP6P7(8, 8, "p5", relu=True).double(); relu.load_state_dict(m.fpn.extra_blocks.state_dict())
+    p, _ = relu(list(ps[:3]), list(cs), ["0", "1", "2"])
+    assert torch.allclose(p[4], F.conv2d(F.relu(p[3]), w7, b7, stride=2, padding=1), atol=1e-12) and not torch.allclose(p[4], ps[4])
+    mp = BackboneFPN(bb, 8, extra_blocks=LastLevelMaxPool()).double()
+    out = mp(x)
+    assert mp.strides == [8, 16, 32, 64] and torch.equal(out[3], F.max_pool2d(out[2], 1, 2, 0))
+    with pytest.raises(ValueError, match="p6p7"): BackboneFPN(bb, 8, p6p7="c6")
+    with pytest.raises(ValueError, match="extra_blocks"): BackboneFPN(bb, 8, p6p7="c5", extra_blocks=LastLevelMaxPool())
+    with pytest.raises(TypeError, match="extra_blocks"): BackboneFPN(bb, 8, extra_blocks=nn.Identity())
+    with pytest.raises(ValueError, match="in_channels"): ExtraP6P7(16, 8, "p5")
+    with pytest.raises(ValueError, match="source"): ExtraP6P7(16, 8, "p4")

@@ -21,7 +21,8 @@ __all__ = ['DDQ_FCN_MODES', 'DDQ_MASK_MODES', 'distinct_queries', 'ddq_cost', 'd
            'DDQFCNHead', 'topk_per_level', 'DDQFCN', 'select_proposals', 'reselect_distinct', 'distinct_attn_mask',
            'mask_sine_embed', 'box_sine_embed', 'ddq_decode', 'ddq_head', 'DynamicConv', 'DIIHead', 'delta_xywh_decode',
            'roi_extract', 'DDQRCNN', 'ChannelMapper', 'DDQDETR', 'two_stage_anchors', 'ddq_detr_loss',
-           'convert_official_ddq_fcn', 'convert_official_ddq_detr', 'convert_official_ddq_rcnn_roi_head']
+           'convert_official_ddq_fcn', 'convert_official_ddq_detr', 'convert_official_ddq_rcnn_roi_head',
+           'ddq_rcnn_r50', 'convert_official_ddq_rcnn']
 
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #761ee65b
 def distinct_queries(boxes:Tensor, # (N, 4) xyxy boxes of the dense queries of one image
@@ -187,11 +188,14 @@ class DDQFCN(nn.Module):
                  nms_iou:float=0.6, # per-class NMS of the 'one2many_nms' control
                  label_offset:int=1, # targets' labels are offset..offset+K-1 (torchvision loaders: 1, background 0); outputs likewise
                  image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225),
+                 start_level:int=0, # the head runs on the pyramid's levels from this one on (DDQ R-CNN's RPN: 1, P3–P7 of P2–P7)
                 ):
         super().__init__()
         if mode not in DDQ_FCN_MODES: raise ValueError(f"mode: expected one of {DDQ_FCN_MODES}, got {mode!r}")
         self.fpn, self.mode, self.num_classes = fpn, mode, num_classes
-        self.head = DDQFCNHead(fpn.out_channels, num_classes, fpn.strides, n_convs, shuffle, aux=mode == 'ddq')
+        if not 0 <= start_level < len(fpn.strides): raise ValueError(f"start_level: expected 0 ≤ start_level < {len(fpn.strides)} (the pyramid's levels), got {start_level}")
+        self.head = DDQFCNHead(fpn.out_channels, num_classes, fpn.strides[start_level:], n_convs, shuffle, aux=mode == 'ddq')
+        self.start_level = start_level
         self.dqs_iou, self.nms_pre, self.num_queries, self.aux_k, self.nms_iou, self.label_offset = dqs_iou, nms_pre, num_queries, aux_k, nms_iou, label_offset
         self.register_buffer('mean', torch.tensor(image_mean).view(3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(image_std).view(3, 1, 1), persistent=False)
@@ -246,7 +250,7 @@ def _detect(self:DDQFCN, score:Tensor, boxes:Tensor, counts:list, hw:tuple) -> d
 
 def _ddq_fcn_forward(self:DDQFCN, images:list, targets:list|None=None):
     x, sizes = self.batch_images(images)
-    out = self.head(self.fpn(x))
+    out = self.head(self.fpn(x)[self.start_level:])
     pts, _ = level_points(out['sizes'], self.head.strides, device=x.device, dtype=x.dtype)
     counts = [h * w for h, w in out['sizes']]
     if self.training:
@@ -467,7 +471,7 @@ def roi_extract(feats:list, # (B, C, H_l, W_l) per level, finest first
 
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #b4a6421a
 class DDQRCNN(nn.Module):
-    "DDQ R-CNN: a DDQ-FCN RPN whose distinct queries (best `n_proposals`, detached) become the proposals of the RoI stages, trained one-to-one; NMS-free inference. `head='dii'`: the official two Sparse-R-CNN `DIIHead` stages on the queries' features (`compress` of the towers' features at the query); `head='mlp'`: one reduced stage (RoIAlign → MLP)."
+    "DDQ R-CNN: a DDQ-FCN RPN whose distinct queries (best `n_proposals`, detached) become the proposals of the RoI stages, trained one-to-one; NMS-free inference. `head='dii'`: the official two Sparse-R-CNN `DIIHead` stages on the queries' features (`compress` of the towers' features at the query); `head='mlp'`: one reduced stage (RoIAlign → MLP). The RPN's head runs on the pyramid from its `start_level`, the RoI stages pool from every level."
     def __init__(self, rpn:DDQFCN, # mode 'ddq': its distinct queries are the proposals
                  n_proposals:int=300, # official: 300
                  hidden:int=256, # MLP width ('mlp')
@@ -485,7 +489,7 @@ class DDQRCNN(nn.Module):
             self.compress = nn.Linear(2 * C, C)
             self.stages = nn.ModuleList([DIIHead(K, C, n_heads, d_ffn, feat_channels, roi_size) for _ in range(n_stages)])
             return
-        self.roi = MultiScaleRoIAlign([str(i) for i in range(len(rpn.head.strides))], roi_size, 2)
+        self.roi = MultiScaleRoIAlign([str(i) for i in range(len(rpn.fpn.strides))], roi_size, 2)
         self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(C * roi_size ** 2, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
         self.cls, self.delta = nn.Linear(hidden, K), nn.Linear(hidden, 4)
         nn.init.constant_(self.cls.bias, -math.log(99.)); nn.init.zeros_(self.delta.weight); nn.init.zeros_(self.delta.bias)
@@ -500,10 +504,10 @@ class DDQRCNN(nn.Module):
         return self.cls(h).split(n), (p + self.delta(h) * wh).split(n)
 
     def dii_stages(self, feats:list, proposals:Tensor, obj_feat:Tensor) -> list:
-        "The `DIIHead` stages: from proposals (B, P, 4) xyxy and query features (B, P, C), per stage `(logits (B, P, K), boxes (B, P, 4))`; each stage starts from the previous one's boxes, detached, and its query features."
+        "The `DIIHead` stages: from the whole pyramid `feats`, proposals (B, P, 4) xyxy and query features (B, P, C), per stage `(logits (B, P, K), boxes (B, P, 4))`; each stage starts from the previous one's boxes, detached, and its query features."
         out, B, P = [], *proposals.shape[:2]
         for st in self.stages:
-            lg, delta, obj_feat = st(roi_extract(feats, self.rpn.head.strides, list(proposals)), obj_feat)
+            lg, delta, obj_feat = st(roi_extract(feats, self.rpn.fpn.strides, list(proposals)), obj_feat)
             bx = delta_xywh_decode(proposals.reshape(-1, 4), delta.reshape(-1, 4)).view(B, P, 4)
             out.append((lg, bx)); proposals = bx.detach()
         return out
@@ -512,7 +516,7 @@ class DDQRCNN(nn.Module):
 def _rcnn_forward(self:DDQRCNN, images:list, targets:list|None=None):
     rpn = self.rpn
     x, sizes = rpn.batch_images(images)
-    feats = rpn.fpn(x); out = rpn.head(feats)
+    feats = rpn.fpn(x); out = rpn.head(feats[rpn.start_level:])   # official: the RPN on P3–P7, the RoI head on P2–P7
     pts, _ = level_points(out['sizes'], rpn.head.strides, device=x.device, dtype=x.dtype)
     counts = [h * w for h, w in out['sizes']]
     boxes = distance2box(pts, out['main']['ltrb']).detach()
@@ -786,6 +790,7 @@ _DDQ_FCN_RULES = [
     (r'backbone\.(.+)', r'fpn.body.m.\1'),                                             # mmdet ResNet = timm resnet names
     (r'neck\.0\.lateral_convs\.(\d+)\.conv\.(weight|bias)', r'fpn.fpn.inner_blocks.\1.0.\2'),
     (r'neck\.0\.fpn_convs\.([0-2])\.conv\.(weight|bias)', r'fpn.fpn.layer_blocks.\1.0.\2'),
+    (r'neck\.0\.fpn_convs\.3\.conv\.(weight|bias)', r'fpn.fpn.extra_blocks.p6.\1'),                # 'on_input': P6 reads C5
     (r'neck\.0\.fpn_convs\.4\.conv\.(weight|bias)', r'fpn.fpn.extra_blocks.p7.\1'),
     (r'bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.weight', r'head.\1_convs.\2.0.weight'),
     (r'bbox_head\.(cls|reg)_convs\.(\d+)\.gn\.(weight|bias)', r'head.\1_convs.\2.1.\3'),
@@ -796,21 +801,19 @@ _DDQ_FCN_RULES = [
     (r'bbox_head\.aux_conv_objectness\.(\d)\.(weight|bias)', r'head.aux.obj.\1.\2'),
     (r'bbox_head\.aux_scales\.(\d+)\.scale', r'head.aux.scales.\1.scale'),
 ]
-_DDQ_FCN_SKIP = r'neck\.0\.fpn_convs\.3\.conv\.(weight|bias)'   # P6 from C5 ('on_input'); `BackboneFPN` builds P6 from P5
 
 def convert_official_ddq_fcn(state_dict:dict, # an official DDQ-FCN checkpoint (mmdet layout), or its 'state_dict'
-                            ) -> tuple:
-    "`(converted, skipped)`: the official keys renamed for `DDQFCN(BackboneFPN(TimmFeatures('resnet50'), 256, p6p7=True), 80)`, and the keys with no slot (the P6 conv, which reads C5 officially)."
+                            ) -> dict:
+    "The official keys renamed for `DDQFCN(BackboneFPN(TimmFeatures('resnet50'), 256, p6p7='c5'), 80)` (mmdet's FPN: P6 from C5, no ReLU before P7)."
     import re
     if not isinstance(state_dict, dict): raise TypeError(f"state_dict must be a dict (a checkpoint or its 'state_dict'), got {type(state_dict).__name__}")
     sd = state_dict.get('state_dict', state_dict)
-    out, skipped = {}, []
+    out = {}
     for k, v in sd.items():
-        if re.fullmatch(_DDQ_FCN_SKIP, k): skipped.append(k); continue
         for pat, rep in _DDQ_FCN_RULES:
             if re.fullmatch(pat, k): out[re.sub(pat, rep, k)] = v; break
         else: raise KeyError(f"unexpected key {k!r} in the official DDQ-FCN checkpoint (expected backbone.*, neck.0.*, bbox_head.*)")
-    return out, skipped
+    return out
 
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #1d1dd865
 _DDQ_DETR_RULES = [
@@ -874,3 +877,38 @@ def convert_official_ddq_rcnn_roi_head(state_dict:dict, # an official DDQ R-CNN 
             if k.startswith('roi_head.') or k.startswith('rpn_head.compress'): raise KeyError(f"unexpected key {k!r} in the official DDQ R-CNN RoI head")
             rest.append(k)
     return out, rest
+
+# %% ../../nbs/50_detection/20_detection.ddq.ipynb #26376eb7
+_DDQ_RCNN_NECK_RULES = [
+    (r'neck\.lateral_convs\.(\d+)\.conv\.(weight|bias)', r'rpn.fpn.fpn.inner_blocks.\1.0.\2'),
+    (r'neck\.fpn_convs\.([0-3])\.conv\.(weight|bias)', r'rpn.fpn.fpn.layer_blocks.\1.0.\2'),
+    (r'neck\.fpn_convs\.4\.conv\.(weight|bias)', r'rpn.fpn.fpn.extra_blocks.p6.\1'),   # 'on_input': reads C5
+    (r'neck\.fpn_convs\.5\.conv\.(weight|bias)', r'rpn.fpn.fpn.extra_blocks.p7.\1'),
+]
+
+def _rename(rules:list, k:str) -> str|None:
+    import re
+    for pat, rep in rules:
+        if re.fullmatch(pat, k): return re.sub(pat, rep, k)
+    return None
+
+def ddq_rcnn_r50(num_classes:int=80, pretrained_backbone:bool=False) -> DDQRCNN:
+    "The official DDQ R-CNN R50 (`ddq_rcnn_r50_1x.py`): ResNet-50 C2–C5 → FPN P2–P7 (P6 from C5, no ReLU before P7) → DDQ-FCN RPN on P3–P7 (300 distinct queries) → two `DIIHead` stages pooling from P2–P7."
+    from xwlearn.vision.layers import BackboneFPN, TimmFeatures   # only here: the R50 builder needs them
+    fpn = BackboneFPN(TimmFeatures('resnet50', out_indices=(1, 2, 3, 4), pretrained=pretrained_backbone), 256, p6p7='c5')
+    return DDQRCNN(DDQFCN(fpn, num_classes, mode='ddq', nms_pre=1000, num_queries=300, start_level=1), n_proposals=300, head='dii')
+
+def convert_official_ddq_rcnn(state_dict:dict, # an official DDQ R-CNN checkpoint (mmdet 2 layout), or its 'state_dict'
+                             ) -> dict:
+    "Every key of the official DDQ R-CNN renamed for `ddq_rcnn_r50()`: the backbone and the RPN head (`rpn_head.*` = DDQ-FCN's `bbox_head.*`) as `convert_official_ddq_fcn` does, under `rpn.`; the 6-level FPN; the RoI head and `compress` as `convert_official_ddq_rcnn_roi_head`."
+    if not isinstance(state_dict, dict): raise TypeError(f"state_dict must be a dict (a checkpoint or its 'state_dict'), got {type(state_dict).__name__}")
+    sd = state_dict.get('state_dict', state_dict)
+    out, rest = convert_official_ddq_rcnn_roi_head(sd)
+    for k in rest:
+        if k.startswith('backbone.'): nk = _rename(_DDQ_FCN_RULES, k)
+        elif k.startswith('rpn_head.'): nk = _rename(_DDQ_FCN_RULES, 'bbox_head.' + k[len('rpn_head.'):])
+        else: nk = None
+        nk = 'rpn.' + nk if nk else _rename(_DDQ_RCNN_NECK_RULES, k)
+        if nk is None: raise KeyError(f"unexpected key {k!r} in the official DDQ R-CNN checkpoint (expected backbone.*, neck.*, rpn_head.*, roi_head.*)")
+        out[nk] = sd[k]
+    return out

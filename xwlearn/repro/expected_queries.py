@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..core import reproduction, recipe, better, Measured, set_seed
-from ..detection.ddq import DDQFCN, DDQRCNN, distinct_queries
+from ..detection.ddq import DDQFCN, DDQRCNN, ddq_rcnn_r50, distinct_queries
 from ..vision.layers import TinyBackbone, BackboneFPN
 from ..vision.scenes import make_scenes
 from ..vision.evaluation import coco_evaluate, proposal_recall
@@ -157,9 +157,9 @@ def expected_queries_reproduction(out_dir:Path, test:bool=False) -> Measured:
 
 # %% ../../nbs/50_detection/20a_repro.expected_queries.ipynb #d8426552
 def _r50_fpn(smoke:bool):
-    "ResNet-50 (timm, ImageNet weights unless smoke) C3–C5 + FPN with P6/P7: strides 8–128, 256 channels."
+    "ResNet-50 (timm, ImageNet weights unless smoke) C3–C5 + FPN with P6/P7 as mmdet's 'on_input' (P6 from C5, no ReLU before P7): strides 8–128, 256 channels."
     from xwlearn.vision.layers import TimmFeatures
-    return BackboneFPN(TimmFeatures('resnet50', out_indices=(2, 3, 4), pretrained=not smoke), out_channels=256, p6p7=True)
+    return BackboneFPN(TimmFeatures('resnet50', out_indices=(2, 3, 4), pretrained=not smoke), out_channels=256, p6p7='c5')
 
 def _coco_setup(data, smoke:bool, bs:int):
     from xwlearn.vision.detection import coco_dls
@@ -197,12 +197,12 @@ def expected_queries_coco_ddq_fcn_r50(data:Path, epochs:int=12, smoke:bool=False
 
 @recipe('expected_queries_coco_ddq_rcnn_r50', paper='expected_queries', dataset='coco', epochs=12, smoke_epochs=1,
         description="DDQ R-CNN R50-FPN (DDQ-FCN RPN, its 300 distinct queries and their compressed tower features into two "
-                    "Sparse R-CNN DIIHead stages, RoI features from P3–P7) on COCO 2017 at 1333×800: AdamW lr 1e-4 per 16 images, wd 0.05, "
+                    "Sparse R-CNN DIIHead stages; FPN P2–P7 with P6 from C5, the RPN on P3–P7, RoI features from P2–P7) on COCO 2017 at 1333×800: AdamW lr 1e-4 per 16 images, wd 0.05, "
                     "500-iteration warm-up, ×0.1 at epochs 8 and 11 — the official ddq_rcnn_r50_1x.py schedule")
 def expected_queries_coco_ddq_rcnn_r50(data:Path, epochs:int=12, smoke:bool=False, bs:int=2):
     "DDQ R-CNN (two `DIIHead` stages, see the paper notebook) on COCO; `smoke`: 64-px images, 4/2 images, no pretrained backbone, CPU."
     import os
     dls, K = _coco_setup(data, smoke, bs)
-    model = DDQRCNN(DDQFCN(_r50_fpn(smoke), K, mode='ddq', nms_pre=1000, num_queries=300, aux_k=8), n_proposals=300, head='dii')
+    model = ddq_rcnn_r50(K, pretrained_backbone=not smoke)             # the official layout: `convert_official_ddq_rcnn` loads its checkpoints
     lr = 1e-4 * bs * int(os.environ.get('WORLD_SIZE', 1)) / 16
     return _adamw_learner(dls, model, lr, 0.05, epochs, ('rpn_cls', 'rpn_box', 'rpn_aux_cls', 'rpn_aux_box') + tuple(f's{k}_{t}' for k in (0, 1) for t in ('cls', 'l1', 'giou')))

@@ -15,12 +15,12 @@ from torch import nn, Tensor
 from scipy.optimize import linear_sum_assignment
 from torchvision.ops import (FeaturePyramidNetwork, batched_nms, box_area, box_iou, complete_box_iou_loss,
                              generalized_box_iou_loss, roi_align, sigmoid_focal_loss)
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from torchvision.models.detection._utils import Matcher
 
 # %% auto #0
-__all__ = ['TinyBackbone', 'TimmFeatures', 'BackboneFPN', 'level_points', 'distance2box', 'box2distance', 'Scale', 'DenseHead',
-           'max_iou_assign', 'hungarian_assign', 'centers_in_boxes', 'dynamic_k_assign', 'fcos_assign',
+__all__ = ['TinyBackbone', 'TimmFeatures', 'ExtraP6P7', 'BackboneFPN', 'level_points', 'distance2box', 'box2distance', 'Scale',
+           'DenseHead', 'max_iou_assign', 'hungarian_assign', 'centers_in_boxes', 'dynamic_k_assign', 'fcos_assign',
            'quality_focal_loss', 'quality_target', 'nms', 'centerness', 'fcos_losses', 'dense_detect']
 
 # %% ../../nbs/45_vision/06_vision.layers.ipynb #c0e2f0c5
@@ -66,22 +66,55 @@ class TimmFeatures(nn.Module):
         self.channels, self.strides = list(self.m.feature_info.channels()), list(self.m.feature_info.reduction())
     def forward(self, x:Tensor) -> list: return list(self.m(x))
 
+# %% ../../nbs/45_vision/06_vision.layers.ipynb #d5d2d8bf
+class ExtraP6P7(LastLevelP6P7):
+    "mmdet's two extra FPN levels: P6 = 3×3 stride-2 conv of C5 (`source='c5'`, mmdet `add_extra_convs='on_input'`) or of P5 (`'p5'`, `'on_output'`), P7 = 3×3 stride-2 conv of P6, ReLU before it only if `relu` (mmdet `relu_before_extra_convs`, off by default)."
+    def __init__(self, in_channels:int, # channels of the map P6 reads (C5's for 'c5', the FPN width for 'p5')
+                 out_channels:int, # the FPN width
+                 source:str='c5', # 'c5' or 'p5'
+                 relu:bool=False, # ReLU between P6 and the P7 conv (torchvision's `LastLevelP6P7` always has it)
+                ):
+        if source not in ('c5', 'p5'): raise ValueError(f"source: expected 'c5' or 'p5', got {source!r}")
+        if source == 'p5' and in_channels != out_channels:
+            raise ValueError(f"in_channels: P6 from P5 reads the FPN width {out_channels}, got {in_channels}")
+        super().__init__(in_channels, out_channels)
+        self.use_P5, self.relu = source == 'p5', relu  # set after the parent, whose rule is `in_channels == out_channels`
+
+    def forward(self, p:list, c:list, names:list) -> tuple:
+        p6 = self.p6(p[-1] if self.use_P5 else c[-1])
+        p.extend([p6, self.p7(F.relu(p6) if self.relu else p6)]); names.extend(['p6', 'p7'])
+        return p, names
+
 # %% ../../nbs/45_vision/06_vision.layers.ipynb #11fae8c0
+def _extra_levels(block:ExtraFPNBlock, n:int|None) -> int:
+    if n is not None: return n
+    if isinstance(block, LastLevelP6P7): return 2
+    if isinstance(block, LastLevelMaxPool): return 1
+    raise ValueError(f"extra_levels: expected the number of levels {type(block).__name__} adds, got None")
+
 class BackboneFPN(nn.Module):
     "A backbone (`channels`, `strides`) + torchvision's `FeaturePyramidNetwork`; returns the pyramid as a list, finest first."
     def __init__(self, backbone:nn.Module, # returns a list of maps; has `channels` and `strides`
                  out_channels:int=64, # channels of every pyramid level
-                 p6p7:bool=False, # add two stride-2 levels on top of the last (RetinaNet/FCOS P6, P7)
+                 p6p7:bool|str=False, # two stride-2 levels on top: True = torchvision's (FCOS: P6 from P5, ReLU before P7); 'c5' / 'p5' = mmdet's `ExtraP6P7` (no ReLU)
                  dict_out:bool=False, # return torchvision's form, an OrderedDict {'0': P3, '1': P4, ...}
+                 extra_blocks:ExtraFPNBlock|None=None, # any other torchvision extra block (instead of `p6p7`)
+                 extra_levels:int|None=None, # levels `extra_blocks` adds (known for `LastLevelMaxPool`, `LastLevelP6P7`)
                 ):
         super().__init__()
         if not (hasattr(backbone, "channels") and hasattr(backbone, "strides")):
             raise TypeError(f"backbone: expected a module with `channels` and `strides` attributes, got {type(backbone).__name__}")
+        if p6p7 not in (False, True, 'c5', 'p5'): raise ValueError(f"p6p7: expected False, True, 'c5' or 'p5', got {p6p7!r}")
+        if extra_blocks is not None and p6p7 is not False: raise ValueError(f"extra_blocks: give it or p6p7, not both (p6p7={p6p7!r})")
+        if extra_blocks is not None and not isinstance(extra_blocks, ExtraFPNBlock):
+            raise TypeError(f"extra_blocks: expected a torchvision ExtraFPNBlock, got {type(extra_blocks).__name__}")
         self.body = backbone
-        extra = LastLevelP6P7(out_channels, out_channels) if p6p7 else None  # in == out: P6 from P5, as FCOS does
-        self.fpn = FeaturePyramidNetwork(list(backbone.channels), out_channels, extra_blocks=extra)
+        if p6p7 is True: extra_blocks = LastLevelP6P7(out_channels, out_channels)  # in == out: P6 from P5, as FCOS does
+        elif p6p7: extra_blocks = ExtraP6P7(backbone.channels[-1] if p6p7 == 'c5' else out_channels, out_channels, p6p7)
+        n = 0 if extra_blocks is None else _extra_levels(extra_blocks, extra_levels)
+        self.fpn = FeaturePyramidNetwork(list(backbone.channels), out_channels, extra_blocks=extra_blocks)
         s = list(backbone.strides)
-        self.strides, self.out_channels, self.dict_out = s + ([s[-1] * 2, s[-1] * 4] if p6p7 else []), out_channels, dict_out
+        self.strides, self.out_channels, self.dict_out = s + [s[-1] * 2 ** (i + 1) for i in range(n)], out_channels, dict_out
 
     def forward(self, x:Tensor) -> list|OrderedDict:
         out = self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
