@@ -124,3 +124,28 @@ def test_scale_from_env_and_errors(monkeypatch):
     m, tok = pretrained_tiny_clip(steps=2)
     e = m.encode_image(scene_tensor(captioned_scenes(2, seed=5, split="all")[0].images))
     assert e.shape == (2, vc.TEST_CLIP["embed_dim"]) and torch.isfinite(e).all() and m.info["steps"] == 2
+
+@pytest.mark.parametrize("pool", ["tok", "avg"])
+def test_tiny_clip_config_is_an_open_clip_config(tmp_path, pool):
+    "The tiny CLIP's config (either pooling) builds an open_clip `CLIP` whose weights load into ours with equal outputs; 'avg' = mean of `dense`."
+    open_clip = pytest.importorskip("open_clip")
+    s = dict(vc.TEST_CLIP, pool=pool)
+    cfg = vc.tiny_clip_config(s)
+    assert cfg["vision_cfg"]["pool_type"] == pool
+    ref = open_clip.CLIP(**cfg).double().eval()
+    with torch.no_grad():
+        for p in ref.parameters(): p.add_(0.05 * torch.randn_like(p))
+    torch.save(ref.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    ours = load_open_clip(tmp_path / "open_clip_pytorch_model.bin", cfg, dtype=torch.float64)
+    sc, keep, caps = captioned_scenes(3, seed=7, split="all")
+    x, t = scene_tensor(sc.images).double(), CaptionTokenizer(s["context"])(caps)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(x), ref.encode_image(x), rtol=0, atol=1e-12)
+        torch.testing.assert_close(ours.encode_text(t), ref.encode_text(t), rtol=0, atol=1e-12)
+        ref.visual.output_tokens = True
+        _, tokens = ref.visual(x)
+        dense = ours.visual.dense(x)
+        torch.testing.assert_close(dense.flatten(1, 2), tokens @ ref.visual.proj, rtol=0, atol=1e-12)
+        mean_dense = torch.allclose(ours.encode_image(x), dense.mean((1, 2)), rtol=0, atol=1e-12)
+    assert mean_dense == (pool == "avg")      # avg pooling: the image embedding is the mean of the projected patch tokens
+    assert vc.TINY_CLIP["pool"] == "avg" and vc.tiny_clip_config({k: v for k, v in s.items() if k != "pool"})["vision_cfg"]["pool_type"] == "tok"

@@ -347,18 +347,20 @@ def cached_training(name:str, # folder name prefix under `cache_dir()/'vl'`
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../../nbs/45_vision/10_vl.clip.ipynb #ea4d475c
-TINY_CLIP = dict(size=32, patch=4, width=64, layers=3, heads=4, text_width=64, text_layers=2, embed_dim=64, context=24,
+TINY_CLIP = dict(size=32, patch=4, width=64, layers=3, heads=4, text_width=64, text_layers=2, embed_dim=64, context=24, pool='avg',
                  n_scenes=16000, steps=1200, batch=128, lr=1e-3, wd=0.05, warmup=100, seed=0, ckpt_every=100)
-"The full tiny CLIP (about 5 CPU-minutes)."
+"The full tiny CLIP (about 5 CPU-minutes); `pool='avg'`: the image embedding is the mean of the patch tokens (open_clip's `pool_type='avg'`)."
 TEST_CLIP = dict(TINY_CLIP, width=32, layers=2, heads=2, text_width=32, text_layers=1, embed_dim=32, n_scenes=256, steps=8,
                  batch=32, warmup=2)
 "The seconds-long version the tests train (no cache)."
 
 def tiny_clip_config(s:dict) -> dict:
     "The open_clip model config of the tiny CLIP with settings `s`."
-    return dict(embed_dim=s['embed_dim'], vision_cfg=dict(image_size=s['size'], patch_size=s['patch'], width=s['width'], layers=s['layers'],
-                head_width=s['width'] // s['heads']), text_cfg=dict(context_length=s['context'], vocab_size=CaptionTokenizer().vocab_size,
-                width=s['text_width'], heads=max(1, s['text_width'] // 32), layers=s['text_layers']))
+    vision = dict(image_size=s['size'], patch_size=s['patch'], width=s['width'], layers=s['layers'], head_width=s['width'] // s['heads'],
+                  pool_type=s.get('pool', 'tok'))                  # 'tok': the class token; 'avg': the mean of the patch tokens
+    text = dict(context_length=s['context'], vocab_size=CaptionTokenizer().vocab_size, width=s['text_width'],
+                heads=max(1, s['text_width'] // 32), layers=s['text_layers'])
+    return dict(embed_dim=s['embed_dim'], vision_cfg=vision, text_cfg=text)
 
 def _lr(s, step): return s['lr'] * min(1, (step + 1) / s['warmup']) * 0.5 * (1 + math.cos(math.pi * step / s['steps']))
 
