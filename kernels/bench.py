@@ -45,6 +45,23 @@ def code_version(name=None, root=HERE.parent):
                 files={r: hashlib.sha1((root / r).read_bytes()).hexdigest()[:12] for r in rel})
 
 
+def run_cases(cases, bench_case, print_case, roof_gbps, **kw):
+    """Run `bench_case(name, arg, roof_gbps, **kw)` for each `(name, arg)` of `cases`; a failing case becomes a row with
+    its error and traceback instead of ending the run. Returns `(cases, rows)`: the case dicts (each with `wall_s`) and
+    their rows keyed '<case> | <peer>'."""
+    import sys, time, traceback
+    out = []
+    for name, arg in cases:
+        t = time.time()
+        try:
+            r = bench_case(name, arg, roof_gbps, **kw)
+        except Exception as e:
+            r = dict(case=name, shape=name, rows={}, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
+        r["wall_s"] = time.time() - t
+        out.append(r); print_case(r); sys.stdout.flush()
+    return out, {f"{r['case']} | {p}": row for r in out for p, row in r["rows"].items()}
+
+
 def discover(only=None):
     "The `bench` functions of `kernels/bench_<name>.py`, by name."
     found = {}

@@ -15,11 +15,11 @@ inputs included), extra_gb (above what was allocated before the step), err, ok, 
 bytes — inputs read twice, output and dO once, the three gradients written — over the time), speedup_vs_<peer> (peer time / this time).
 Run alone: `python kernels/bench_ms_deform_attn.py` (= `python kernels/bench.py --only ms_deform_attn`).
 """
-import math, sys, time, traceback
+import math, sys, traceback
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))       # the repo root: import xwlearn without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))           # kernels/: the shared roof measurement
-from bench import copy_roof_gbps
+from bench import copy_roof_gbps, run_cases
 __all__ = ["bench", "bench_case", "copy_roof_gbps"]
 
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]   # an 800x1333 input at strides 8, 16, 32, 64 (ceil)
@@ -162,16 +162,7 @@ def verdict(res):
 
 def bench(roof_gbps, cases=CASES, **kw):
     "Every case; rows keyed '<case> | <peer>'."
-    out = []
-    for name, Q in cases:
-        t = time.time()
-        try:
-            r = bench_case(name, Q, roof_gbps, **kw)
-        except Exception as e:
-            r = dict(case=name, shape=name, rows={}, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
-        r["wall_s"] = time.time() - t
-        out.append(r); print_case(r); sys.stdout.flush()
-    rows = {f"{r['case']} | {p}": row for r in out for p, row in r["rows"].items()}
+    out, rows = run_cases(cases, bench_case, print_case, roof_gbps, **kw)
     enc = next((r for r in out if r["case"] == "encoder"), None)
     return dict(shape="multi-scale deformable attention, Deformable DETR shapes (see cases)", rows=rows, target=TARGET,
                 cases=out, met=verdict(enc) if enc and "error" not in enc else None)

@@ -17,11 +17,11 @@ before), err, ok, gbps / roof_frac (the forward's floor bytes — unit RoI pixel
 RoI block, output written — over the forward time), speedup_vs_<peer> (peer forward time / this forward time).
 Run alone: `python kernels/bench_temporal_roi_align.py` (= `python kernels/bench.py --only temporal_roi_align`).
 """
-import math, sys, time, traceback
+import math, sys, traceback
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))       # the repo root: import xwlearn without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))           # kernels/: the shared roof measurement
-from bench import copy_roof_gbps
+from bench import copy_roof_gbps, run_cases
 __all__ = ["bench", "bench_case", "copy_roof_gbps"]
 
 CASES = [("2 refs", 2), ("14 refs", 14)]              # (name, reference frames)
@@ -153,16 +153,7 @@ def verdict(res):
 
 def bench(roof_gbps, cases=CASES, **kw):
     "Every case; rows keyed '<case> | <peer>'."
-    out = []
-    for name, T in cases:
-        t = time.time()
-        try:
-            r = bench_case(name, T, roof_gbps, **kw)
-        except Exception as e:
-            r = dict(case=name, shape=name, rows={}, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
-        r["wall_s"] = time.time() - t
-        out.append(r); print_case(r); sys.stdout.flush()
-    rows = {f"{r['case']} | {p}": row for r in out for p, row in r["rows"].items()}
+    out, rows = run_cases(cases, bench_case, print_case, roof_gbps, **kw)
     last = next((r for r in out if r["case"] == "14 refs"), None)
     return dict(shape="Temporal RoI Align most-similar align, issue-35 shapes (see cases)", rows=rows, target=TARGET,
                 cases=out, met=verdict(last) if last and "error" not in last else None)
