@@ -45,6 +45,29 @@ def code_version(name=None, root=HERE.parent):
                 files={r: hashlib.sha1((root / r).read_bytes()).hexdigest()[:12] for r in rel})
 
 
+def rel_l2(a, b):
+    "Relative L2 error of `a` against the reference `b` (float32)."
+    a, b = a.detach().float(), b.detach().float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def median_ms(fn, **kw):
+    "Median milliseconds of `fn` by `triton.testing.do_bench` (imported when called, so a dry run can replace it)."
+    import triton.testing as tt
+    return tt.do_bench(fn, return_mode="median", **kw)
+
+
+def peak_gb(step, device):
+    "(peak_gb, extra_gb) of one call of `step`: max allocated (inputs included) and its excess over what was held before; NaN off CUDA."
+    import torch
+    if device != "cuda": step(); return float("nan"), float("nan")
+    torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step(); torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return peak / 1e9, (peak - before) / 1e9
+
+
 def run_cases(cases, bench_case, print_case, roof_gbps, **kw):
     """Run `bench_case(name, arg, roof_gbps, **kw)` for each `(name, arg)` of `cases`; a failing case becomes a row with
     its error and traceback instead of ending the run. Returns `(cases, rows)`: the case dicts (each with `wall_s`) and

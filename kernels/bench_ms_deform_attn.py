@@ -19,7 +19,7 @@ import math, sys, traceback
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))       # the repo root: import xwlearn without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))           # kernels/: the shared roof measurement
-from bench import copy_roof_gbps, run_cases
+from bench import copy_roof_gbps, run_cases, rel_l2 as _rel_l2, median_ms as _time, peak_gb as _peak
 __all__ = ["bench", "bench_case", "copy_roof_gbps"]
 
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]   # an 800x1333 input at strides 8, 16, 32, 64 (ceil)
@@ -31,27 +31,6 @@ TARGET = ("encoder fwd+bwd: the best kernel >= 4x faster than the PyTorch refere
           "peak memory <= 1/3 of the reference's (H100 anchor, reference: encoder 17.9 ms / 2.75 GB, decoder "
           "2.5 ms / 0.52 GB)")
 REF, COMPILED = "PyTorch reference", "torch.compile(reference)"
-
-
-def _rel_l2(a, b):
-    a, b = a.detach().float(), b.detach().float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _time(fn, **kw):
-    import triton.testing as tt
-    return tt.do_bench(fn, return_mode="median", **kw)
-
-
-def _peak(step, device):
-    "(peak_gb, extra_gb) of one step: max allocated (inputs included) and its excess over what was held before."
-    import torch
-    if device != "cuda": step(); return float("nan"), float("nan")
-    torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step(); torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    return peak / 1e9, (peak - before) / 1e9
 
 
 def make_inputs(B, Q, H, D, levels, P, device="cuda", dtype=None, seed=0):

@@ -21,7 +21,7 @@ import math, sys, traceback
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))       # the repo root: import xwlearn without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))           # kernels/: the shared roof measurement
-from bench import copy_roof_gbps, run_cases
+from bench import copy_roof_gbps, run_cases, rel_l2 as _rel_l2, median_ms as _time, peak_gb as _peak
 __all__ = ["bench", "bench_case", "copy_roof_gbps"]
 
 CASES = [("2 refs", 2), ("14 refs", 14)]              # (name, reference frames)
@@ -34,27 +34,6 @@ TARGET = ("14 refs, forward: the best ieee kernel (the oracle's selection) >= 3x
           "2 refs 3.7 ms / 0.44 GB, 14 refs 23.2 ms / 2.53 GB). Memory: the kernel's output (T, n, C, 7, 7) alone "
           "bounds the reduction near 5x without a graph (see the kernel notebook), so '>= 10x less' is reported, not met")
 REF, COMPILED, MINE = "PyTorch reference", "torch.compile(reference)", "xwlearn kernel"
-
-
-def _rel_l2(a, b):
-    a, b = a.detach().float(), b.detach().float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _time(fn, **kw):
-    import triton.testing as tt
-    return tt.do_bench(fn, return_mode="median", **kw)
-
-
-def _peak(step, device):
-    "(peak_gb, extra_gb) of one call: max allocated (inputs included) and its excess over what was held before."
-    import torch
-    if device != "cuda": step(); return float("nan"), float("nan")
-    torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step(); torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    return peak / 1e9, (peak - before) / 1e9
 
 
 def make_inputs(n_rois, C, T, H, W, device="cuda", dtype=None, seed=0):
