@@ -15,14 +15,14 @@ from torchvision.ops import box_convert, box_iou, generalized_box_iou, generaliz
 
 from ..vision.layers import Scale, distance2box, hungarian_assign, level_points, nms, quality_focal_loss
 from ..vision.detr import dn_queries, inverse_sigmoid
+from ..vision.dino_detr import ChannelMapper, box_sine_embed, dn_loss, mask_sine_embed, set_loss, two_stage_anchors
 
 # %% auto #0
 __all__ = ['DDQ_FCN_MODES', 'DDQ_MASK_MODES', 'distinct_queries', 'ddq_cost', 'ddq_targets', 'ddq_set_loss', 'pyramid_shuffle',
            'DDQFCNHead', 'topk_per_level', 'DDQFCN', 'select_proposals', 'reselect_distinct', 'distinct_attn_mask',
-           'mask_sine_embed', 'box_sine_embed', 'ddq_decode', 'ddq_head', 'DynamicConv', 'DIIHead', 'delta_xywh_decode',
-           'roi_extract', 'DDQRCNN', 'ChannelMapper', 'DDQDETR', 'two_stage_anchors', 'ddq_detr_loss',
-           'convert_official_ddq_fcn', 'convert_official_ddq_detr', 'convert_official_ddq_rcnn_roi_head',
-           'ddq_rcnn_r50', 'convert_official_ddq_rcnn']
+           'ddq_decode', 'ddq_head', 'DynamicConv', 'DIIHead', 'delta_xywh_decode', 'roi_extract', 'DDQRCNN', 'DDQDETR',
+           'ddq_detr_loss', 'convert_official_ddq_fcn', 'convert_official_ddq_detr',
+           'convert_official_ddq_rcnn_roi_head', 'ddq_rcnn_r50', 'convert_official_ddq_rcnn']
 
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #761ee65b
 def distinct_queries(boxes:Tensor, # (N, 4) xyxy boxes of the dense queries of one image
@@ -323,31 +323,6 @@ def distinct_attn_mask(alive:Tensor, # (B, Q) bool: distinct queries still alive
     m[b, i, i] = False
     return m.repeat_interleave(n_heads, 0)
 
-# %% ../../nbs/50_detection/20_detection.ddq.ipynb #0690b26d
-def _interleaved(v:Tensor, num_feats:int, temperature:float) -> Tensor:
-    "(...) → (..., num_feats): sin(v/t_0), cos(v/t_0), sin(v/t_1), … with t_i = temperature^(2i/num_feats)."
-    t = temperature ** (torch.arange(num_feats // 2, dtype=v.dtype, device=v.device) * 2 / num_feats)
-    a = v[..., None] / t
-    return torch.stack([a.sin(), a.cos()], -1).flatten(-2)
-
-def mask_sine_embed(mask:Tensor, # (B, H, W) bool, True = padding
-                    num_feats:int=128, # channels per axis
-                    temperature:float=20., # DINO / DDQ-DETR: 20 (DETR: 10000)
-                    offset:float=0., eps:float=1e-6, dtype=torch.float32) -> Tensor:
-    "(B, 2·num_feats, H, W) normalised sine encoding of a padded map in mmdet's layout: [y | x], position = cumulated valid pixels / their total · 2π, each frequency as an adjacent (sin, cos) pair."
-    nm = (~mask).to(dtype)
-    y, x = nm.cumsum(1), nm.cumsum(2)
-    y = (y + offset) / (y[:, -1:, :] + eps) * (2 * math.pi)
-    x = (x + offset) / (x[:, :, -1:] + eps) * (2 * math.pi)
-    return torch.cat([_interleaved(y, num_feats, temperature), _interleaved(x, num_feats, temperature)], -1).permute(0, 3, 1, 2)
-
-def box_sine_embed(coords:Tensor, # (..., 2) xy or (..., 4) cxcywh in [0, 1]
-                   num_feats:int=128, temperature:float=10000.) -> Tensor:
-    "(..., 2|4 · num_feats) sine encoding of points or boxes in mmdet's `coordinate_to_encoding` layout: [y, x(, w, h)] of 2π·v, (sin, cos) pairs."
-    if coords.shape[-1] not in (2, 4): raise ValueError(f"coords: expected (..., 2) or (..., 4), got shape {tuple(coords.shape)}")
-    v = coords * (2 * math.pi)
-    return torch.cat([_interleaved(v[..., i], num_feats, temperature) for i in ([1, 0] if coords.shape[-1] == 2 else [1, 0, 2, 3])], -1)
-
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #ffdae911
 def ddq_decode(decoder:nn.Module, # has `layers` (`DeformableDecoderLayer`s), `ref_point_head` (2d → d MLP) and `norm`
                reg_branches:nn.ModuleList, # per layer: (…, d) → (…, 4) box deltas of the dn and distinct queries
@@ -557,26 +532,6 @@ def _rcnn_forward(self:DDQRCNN, images:list, targets:list|None=None):
     return losses
 DDQRCNN.forward = _rcnn_forward
 
-# %% ../../nbs/50_detection/20_detection.ddq.ipynb #4505e702
-class ChannelMapper(nn.Module):
-    "DINO / DDQ-DETR's neck (mmdet `ChannelMapper`, no activation): a 1×1 conv + GN per backbone map, then stride-2 3×3 conv + GN levels, the first reading the last backbone map."
-    def __init__(self, in_channels:list, # channels of the backbone maps, finest first
-                 out_channels:int=256, num_outs:int|None=None, # levels returned (≥ len(in_channels))
-                 groups:int=32, # GroupNorm groups
-                ):
-        super().__init__()
-        num_outs = len(in_channels) if num_outs is None else num_outs
-        if num_outs < len(in_channels): raise ValueError(f"num_outs: expected at least {len(in_channels)} (one per backbone map), got {num_outs}")
-        gn = lambda: nn.GroupNorm(min(groups, out_channels), out_channels)
-        self.convs = nn.ModuleList([nn.Sequential(nn.Conv2d(c, out_channels, 1, bias=False), gn()) for c in in_channels])
-        self.extra = nn.ModuleList([nn.Sequential(nn.Conv2d(in_channels[-1] if i == 0 else out_channels, out_channels, 3, 2, 1, bias=False), gn())
-                                    for i in range(num_outs - len(in_channels))])
-
-    def forward(self, feats:list) -> list:
-        outs = [c(f) for c, f in zip(self.convs, feats)]
-        for i, e in enumerate(self.extra): outs.append(e(feats[-1] if i == 0 else outs[-1]))
-        return outs
-
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #74467032
 class DDQDETR(nn.Module):
     "DDQ-DETR in the official layout (a DINO with distinct queries): backbone → `ChannelMapper` → deformable encoder → distinct (NMS) and, in training, dense encoder proposals → `ddq_decode` with denoising queries → per-layer heads. `model(images, targets)` → loss dict in training, else per image dict(boxes, scores, labels)."
@@ -635,21 +590,6 @@ class DDQDETR(nn.Module):
         return x, mask, sizes
 
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #70f6f99c
-def two_stage_anchors(memory_mask:Tensor, # (B, S) True = padding
-                      spatial_shapes:Tensor, # (L, 2)
-                      dtype=torch.float32) -> Tensor:
-    "(B, S, 4) logit-space cxcywh anchor of every memory token (two-stage Deformable DETR / DINO): its cell centre over the valid size, side 0.05·2^level; +inf where the token is padding or the anchor leaves (0.01, 0.99)."
-    B, out, start = memory_mask.shape[0], [], 0
-    for l, (h, w) in enumerate(spatial_shapes.tolist()):
-        m = memory_mask[:, start:start + h * w].view(B, h, w)
-        valid = torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1).to(dtype)   # (B, 2) valid w, h
-        y, x = torch.meshgrid(torch.arange(h, dtype=dtype, device=m.device), torch.arange(w, dtype=dtype, device=m.device), indexing='ij')
-        xy = (torch.stack([x, y], -1).view(1, -1, 2) + 0.5) / valid[:, None]
-        out.append(torch.cat([xy, torch.full_like(xy, 0.05 * 2. ** l)], -1)); start += h * w
-    a = torch.cat(out, 1)
-    ok = ((a > 0.01) & (a < 0.99)).all(-1) & ~memory_mask
-    return torch.log(a / (1 - a)).masked_fill(~ok[..., None], float('inf'))
-
 def _encode(self:DDQDETR, x:Tensor, mask:Tensor) -> dict:
     "Backbone, neck and encoder: memory (B, S, d), memory_mask (B, S), spatial_shapes (L, 2), valid_ratios (B, L, 2)."
     from xwlearn.vision.detr import encoder_reference_points
@@ -704,34 +644,6 @@ def _forward_outputs(self:DDQDETR, x:Tensor, mask:Tensor, targets:list|None=None
 DDQDETR.forward_outputs = _forward_outputs
 
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #ab88a55a
-def _o2o(logits:list, boxes:list, targets:list) -> Tensor:
-    "DETR set loss (one-to-one Hungarian, cost 2·focal + 5·L1 + 2·GIoU): 1·focal + 5·L1 + 2·GIoU summed over images, over the matched count."
-    from xwlearn.vision.detr import match_cost
-    tot, n = 0., 0
-    for lg, bx, t in zip(logits, boxes, targets):
-        oh = torch.zeros_like(lg)
-        if len(t['labels']) and len(lg):
-            pi, gi = hungarian_assign(match_cost(lg.detach(), bx.detach(), t['labels'], t['boxes'].to(bx)), 1)
-            oh[pi, t['labels'][gi]] = 1.
-            tot = tot + 5 * (bx[pi] - t['boxes'][gi].to(bx)).abs().sum() + 2 * generalized_box_iou_loss(
-                box_convert(bx[pi], 'cxcywh', 'xyxy'), box_convert(t['boxes'][gi].to(bx), 'cxcywh', 'xyxy'), reduction='sum')
-            n += len(pi)
-        tot = tot + sigmoid_focal_loss(lg, oh, reduction='sum') + bx.sum() * 0
-    return tot / max(n, 1)
-
-def _dn_loss(logits:Tensor, boxes:Tensor, dn:dict, targets:list) -> Tensor:
-    "Denoising loss: positives regress to and classify as their object, negatives and padding are background; 1·focal + 5·L1 + 2·GIoU over the positives."
-    tot, n = 0., 0
-    for b, t in enumerate(targets):
-        pos = (dn['positive'][b] & dn['valid'][b]).to(logits.device)
-        gi = dn['gt_index'][b].to(logits.device)[pos]
-        oh = torch.zeros_like(logits[b]); oh[pos, t['labels'][gi]] = 1.
-        bx, g = boxes[b, pos], t['boxes'][gi].to(boxes)
-        tot = tot + sigmoid_focal_loss(logits[b], oh, reduction='sum') + 5 * (bx - g).abs().sum() \
-              + 2 * generalized_box_iou_loss(box_convert(bx, 'cxcywh', 'xyxy'), box_convert(g, 'cxcywh', 'xyxy'), reduction='sum')
-        n += int(pos.sum())
-    return tot / max(n, 1)
-
 def _aux(logits:Tensor, boxes:Tensor, targets:list, sizes:list, k:int) -> Tensor:
     "DDQ's one-to-many loss on dense queries (`ddq_set_loss`, top-k Hungarian, QFL + 2·GIoU in pixels), over Σ soft targets."
     cls, box, norm = [], [], []
@@ -751,8 +663,8 @@ def ddq_detr_loss(logits:Tensor, boxes:Tensor, # (B, T, K) logits and (B, T, 4) 
     Q = T - n_dn - n_dense
     if alive.shape != (B, Q): raise ValueError(f"alive: expected shape {(B, Q)} (T − n_dn − n_dense distinct queries), got {tuple(alive.shape)}")
     lg, bx = logits[:, n_dn:n_dn + Q], boxes[:, n_dn:n_dn + Q]
-    out = dict(main=_o2o([lg[b][alive[b]] for b in range(B)], [bx[b][alive[b]] for b in range(B)], targets))
-    if n_dn: out['dn'] = _dn_loss(logits[:, :n_dn], boxes[:, :n_dn], dn, targets)
+    out = dict(main=set_loss([lg[b][alive[b]] for b in range(B)], [bx[b][alive[b]] for b in range(B)], targets))
+    if n_dn: out['dn'] = dn_loss(logits[:, :n_dn], boxes[:, :n_dn], dn, targets)
     if n_dense: out['aux'] = _aux(logits[:, T - n_dense:], boxes[:, T - n_dense:], targets, sizes, aux_k)
     return out
 
@@ -766,7 +678,7 @@ def _ddq_detr_forward(self:DDQDETR, images:list, targets:list|None=None):
               for t, (h, w) in zip(targets, sizes)]
         o = self.forward_outputs(x, mask, tg)
         B, N, D = len(sizes), o['n_dn'], o['n_dense']
-        losses = dict(enc=_o2o(list(o['enc_logits']), list(o['enc_boxes']), tg),
+        losses = dict(enc=set_loss(list(o['enc_logits']), list(o['enc_boxes']), tg),
                       enc_aux=_aux(o['enc_dense_logits'], o['enc_dense_boxes'], tg, sizes, self.aux_k) if D else x.sum() * 0)
         for l in range(len(o['logits'])):
             ls = ddq_detr_loss(o['logits'][l], o['boxes'][l], o['alive'][l], tg, sizes, N, D, o['dn'], self.aux_k)
