@@ -17,7 +17,8 @@ from ..vision.semi import MeanTeacher, MeanTeacherCallback, UnlabeledStream, Pse
 # %% auto #0
 __all__ = ['SIZE_BUCKETS', 'pseudo_recall', 'frequency_groups', 'recall_table', 'box_coverage', 'erase_patches', 'flip_h',
            'resize_with_boxes', 'pseudo_mixup', 'pseudo_mosaic', 'mosaic_sizes', 'PseudoImageCache', 'MixPL',
-           'repeat_factors', 'repeat_indices', 'MixPLCallback', 'convert_official_mixpl', 'official_faster_rcnn']
+           'repeat_factors', 'repeat_indices', 'MixPLCallback', 'convert_official_mixpl', 'official_faster_rcnn',
+           'mixpl_dino_kwargs', 'convert_official_mixpl_dino']
 
 # %% ../../nbs/50_detection/31_detection.mixpl.ipynb #69f56db8
 SIZE_BUCKETS = (('small', 0.0, 32.0 ** 2), ('medium', 32.0 ** 2, 96.0 ** 2), ('large', 96.0 ** 2, math.inf))
@@ -333,3 +334,23 @@ def official_faster_rcnn(num_classes:int=80, # COCO: 80 (the background is added
     kw = dict(dict(min_size=800, max_size=1333, image_mean=[123.675 / 255, 116.28 / 255, 103.53 / 255], image_std=[1 / 255] * 3,
                    box_roi_pool=MultiScaleRoIAlign(['0', '1', '2', '3'], 7, sampling_ratio=0)), **kw)
     return FasterRCNN(bb, num_classes + 1, **kw)
+
+# %% ../../nbs/50_detection/31_detection.mixpl.ipynb #2bb3abc5
+from ..vision.semi import ScoreThreshold
+from ..vision.dino_detr import convert_official_dino
+
+# %% ../../nbs/50_detection/31_detection.mixpl.ipynb #88e71013
+def mixpl_dino_kwargs(**overrides, # replace any option (e.g. `cache_size`, `filter`)
+                     ) -> dict:
+    "`MixPL` / `MixPLCallback` options of the official DINO setting: score threshold 0.4, EMA decay 0.9998, unsupervised weight 2, cache 8, mosaic weight 0.5, pseudo boxes ≥ 0.01 px."
+    kw = dict(filter=ScoreThreshold(0.4), decay=0.9998, weight=2.0, cache_size=8, mosaic_weight=0.5, mosaic_scale=(0.5, 1.0), min_size=0.01)
+    bad = set(overrides) - set(kw) - {'mixup', 'mosaic', 'erase', 'erase_kw', 'seed', 'warmup', 'sparse_weight', 'cache'}
+    if bad: raise TypeError(f"overrides: unknown MixPL options {sorted(bad)}")
+    return {**kw, **overrides}
+
+def convert_official_mixpl_dino(state_dict:dict, # an official MixPL DINO checkpoint (`{'state_dict': ...}` or the state dict itself)
+                                branch:str='teacher', # 'teacher' (what the paper evaluates) or 'student'
+                               ) -> dict:
+    "Official MixPL DINO-4scale R50 weights (mmdet 3: `teacher.*` / `student.*` over mmdet's DINO layout) → the state dict of `xwlearn.vision.dino_detr.dino_r50()`."
+    if branch not in ('teacher', 'student'): raise ValueError(f"branch: expected 'teacher' or 'student', got {branch!r}")
+    return convert_official_dino(state_dict, prefix=branch + '.')

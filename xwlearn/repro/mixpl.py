@@ -1,4 +1,4 @@
-"""The quick reproduction of MixPL at CPU scale — the missed-detection diagnostic (pseudo-label recall by size and class frequency) and mean teacher vs +Pseudo-Mixup+Pseudo-Mosaic (± tail resampling) on AP_s and tail-class AP, three seeds — and the paper's COCO 10 % Faster R-CNN recipe. The method is derived in [the paper notebook](31_detection.mixpl.ipynb).
+"""The quick reproduction of MixPL at CPU scale — the missed-detection diagnostic (pseudo-label recall by size and class frequency) and mean teacher vs +Pseudo-Mixup+Pseudo-Mosaic (± tail resampling) on AP_s and tail-class AP, three seeds — and the paper's two COCO 10 % recipes (Faster R-CNN and DINO). The method is derived in [the paper notebook](31_detection.mixpl.ipynb).
 
 Docs: https://xwlearn.github.io/xwlearn/50_detection/repro.mixpl.html.md"""
 
@@ -24,7 +24,7 @@ from .kit import save_fig, seeds_line
 
 # %% auto #0
 __all__ = ['EVAL_SCALE', 'MIXPL_PAPER', 'ARMS', 'mixpl_scenes', 'tiny_faster_rcnn', 'mixpl_reproduction',
-           'mixpl_coco_faster_rcnn_r50']
+           'mixpl_coco_faster_rcnn_r50', 'mixpl_coco_dino_r50']
 
 # %% ../../nbs/50_detection/31a_repro.mixpl.ipynb #c2d2e85e
 EVAL_SCALE = 3.0   # coordinates × 3 before COCO evaluation (COCO's size buckets at 64 px)
@@ -213,3 +213,45 @@ def mixpl_coco_faster_rcnn_r50(data:Path, epochs:int=122, smoke:bool=False,
     mp = MixPLCallback(UnlabeledStream(Subset(unl_ds, unl), bs=unlabeled_bs, views=weak_strong_views(seed=0), seed=0),
                        filter=ScoreThreshold(0.7), decay=0.9998, weight=2.0, cache_size=8, mosaic_weight=0.5, mosaic_scale=(0.5, 1.0))
     return detection_learner(dls, det, opt_func=partial(SGD, mom=0.9), lr=0.01 * world / 8, wd=1e-4, cbs=[GradientClip(20.), mp])
+
+# %% ../../nbs/50_detection/31a_repro.mixpl.ipynb #7e45e572
+@recipe('mixpl_coco_dino_r50', paper='mixpl', dataset='coco', epochs=61, smoke_epochs=1,
+        description="MixPL on COCO train2017 10 %: DINO-4scale R50 in mmdet's layout (substrate `dino_r50`: ImageNet backbone, stem + "
+                    "stage 1 and BN frozen, 900 queries, 100 denoising queries); mean teacher EMA 0.9998, weak/strong views, score "
+                    "threshold 0.4, unsupervised weight 2; erase 1–20 patches, Pseudo-Mixup (replaces the plain loss) and Pseudo-Mosaic "
+                    "×0.5 from a cache of 8 student images; AdamW 1e-4, wd 1e-4, backbone ×0.1, clip 0.1, constant lr; 1 labelled + 4 "
+                    "unlabelled images per GPU × 8 GPUs, 90k iterations (= 61 epochs of the 10 % split)")
+def mixpl_coco_dino_r50(data:Path, epochs:int=61, smoke:bool=False,
+                        percent:float=10.0, fold:int=1, # the labelled split
+                        bs:int=1, unlabeled_bs:int=4, # images per process (official 1 : 4)
+                       ):
+    "The paper's DINO COCO 10 % run; `smoke`: 64-px images, a 10 % split of 4 images, 1 + 2 layers, 30 queries, no pretrained backbone, CPU."
+    import os
+    from functools import partial
+    from torch.utils.data import Subset
+    from fastai.callback.schedule import ParamScheduler
+    from fastai.callback.training import GradientClip
+    from fastai.optimizer import Adam
+    from xwlearn.data import SeededDL
+    from xwlearn.detection.mixpl import mixpl_dino_kwargs
+    from xwlearn.vision.detection import DetectionDataLoaders, coco_dataset, detection_collate, detection_learner
+    from xwlearn.vision.dino_detr import dino_r50
+    from xwlearn.vision.transforms import weak_strong_views
+    size, max_size = (64, 64) if smoke else (800, 1333)
+    trn = coco_dataset(data, 'train2017', size, max_size, train=True)
+    unl_ds = coco_dataset(data, 'train2017', size, max_size, train=False)       # the views flip it
+    val = coco_dataset(data, 'val2017', size, max_size)
+    lab, unl = semi_split_indices(trn.ids, trn.ann_file, fold, percent)
+    unl = unl or lab
+    kw = dict(create_batch=detection_collate, num_workers=0 if smoke else 4)
+    dls = DetectionDataLoaders(SeededDL(Subset(trn, lab), bs=bs, shuffle=True, drop_last=len(lab) > bs, seed=0, **kw),
+                               SeededDL(Subset(val, range(2)) if smoke else val, bs=2 if smoke else 8, **kw),
+                               device='cpu' if smoke else ('cuda' if torch.cuda.is_available() else 'cpu'))
+    det = dino_r50(trn.num_classes - 1, pretrained_backbone=not smoke, **(dict(n_enc=1, n_dec=2, n_queries=30) if smoke else {}))
+    lr = 1e-4 * int(os.environ.get('WORLD_SIZE', 1)) / 8
+    splitter = lambda m: [[p for p in m.detector.backbone.parameters() if p.requires_grad],
+                          [p for n, p in m.detector.named_parameters() if not n.startswith('backbone.')]]
+    mp = MixPLCallback(UnlabeledStream(Subset(unl_ds, unl), bs=unlabeled_bs, views=weak_strong_views(seed=0), seed=0), **mixpl_dino_kwargs())
+    return detection_learner(dls, det, opt_func=partial(Adam, mom=0.9, sqr_mom=0.999, eps=1e-8, decouple_wd=True), lr=lr, wd=1e-4,
+                             wd_bn_bias=True, splitter=splitter, loss_terms=det.loss_terms,    # wd_bn_bias: mmdet's AdamW decays every parameter
+                             cbs=[GradientClip(0.1), ParamScheduler({'lr': lambda pct: [0.1 * lr, lr]}), mp])
