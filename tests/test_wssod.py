@@ -1,6 +1,7 @@
-"Tests of xwlearn.detection.wssod (an implementation after the paper): label attention and random sampling against naive versions, the E-step, the tag loss (float64, gradcheck), the agent detector's losses and errors."
+"Tests of xwlearn.detection.wssod (an implementation after the paper): label attention and random sampling against naive versions and their invariants, the E-step (random sampling as an unbiased Monte-Carlo E-step), the tag loss (float64, gradcheck), the agent detector's losses and errors."
 import math
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 from torch import nn
 from xwlearn.detection.wssod import (label_attention, random_pseudo_sampling, wssod_pseudo_labels, weak_tag_loss, tags_from_labels,
@@ -83,3 +84,27 @@ def test_agent_detector_full_and_weak():
     sum(only_weak.values()).backward(); assert a.detector.backbone.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="targets: expected one per image in training"): a(ims, tg[:2])
     a.eval(); assert a.image_scores(ims).shape == (3, 4) and isinstance(a(ims), list)
+
+def test_rps_is_an_unbiased_monte_carlo_e_step():
+    "The EM view: the M-step loss Σ_kept ℓ_i under random sampling averages to Σ min(1, s_i/τ) ℓ_i (the posterior-weighted loss); the hard E-step gives Σ_{s_i ≥ thr} ℓ_i."
+    s = torch.tensor([0.02, 0.25, 0.45, 0.6, 0.95]); ell = torch.tensor([2.0, 1.0, 3.0, 0.5, 1.5])
+    d = [dict(boxes=torch.zeros(5, 4), scores=s, labels=torch.arange(5))]          # label i = box i
+    for tau in (1.0, 0.5):
+        x = torch.stack([ell[random_pseudo_sampling(d, torch.Generator().manual_seed(k), tau=tau)[0]['labels']].sum() for k in range(3000)])
+        want = ((s / tau).clamp(max=1) * ell).sum()
+        assert abs(x.mean() - want) < 4 * x.std() / math.sqrt(len(x)), (tau, x.mean(), want)
+    assert torch.equal(wssod_pseudo_labels(d, thr=0.5)[0]['labels'], torch.tensor([3, 4]))
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 5), thr=st.sampled_from([0.0, 0.3, 0.5, 0.9]))
+def test_label_attention_invariants(seed, n, thr):
+    "Label attention keeps a subset of the boxes, is idempotent, is the identity when every class is tagged, and commutes with the threshold."
+    g = torch.Generator().manual_seed(seed); K = 5
+    dets = _dets(g, n=n, K=K); tags = [set(torch.randint(1, K, (int(torch.randint(0, 3, (1,), generator=g)),), generator=g).tolist()) for _ in dets]
+    la = label_attention(dets, tags)
+    for d, a, t in zip(dets, la, tags):
+        assert len(a['boxes']) <= len(d['boxes']) and set(a['labels'].tolist()) <= t
+    assert all(torch.equal(a['boxes'], b['boxes']) for a, b in zip(la, label_attention(la, tags)))
+    assert all(torch.equal(a['boxes'], d['boxes']) for a, d in zip(label_attention(dets, [set(range(K))] * n), dets))
+    thr_first = label_attention([{k: v[d['scores'] >= thr] for k, v in d.items()} for d in dets], tags)
+    for a, b in zip(wssod_pseudo_labels(dets, tags, thr=thr), thr_first): assert torch.equal(a['labels'], b['labels']) and torch.equal(a['scores'], b['scores'])
