@@ -1,10 +1,10 @@
-"Tests of xwlearn.vl.dino: DINO weights load with the official code's outputs (fixture written by facebookresearch/dino, float64) and timm's, the loss against its formula, error messages, shapes, grouping scores."
+"Tests of xwlearn.vl.dino: DINO weights load with the official code's outputs (fixture written by facebookresearch/dino, float64) and timm's, the image and patch losses against their formulas, crop geometry, error messages, shapes, grouping scores."
 import json, math
 from pathlib import Path
 import pytest
 import torch
 from xwlearn.vl.dino import (ViT, DINO_ARCHS, DINOHead, dino_loss, update_center, multi_crop, load_dino, group_scores,
-                             pretrained_dino_lite, train_dino, TEST_DINO)
+                             pretrained_dino_lite, train_dino, TEST_DINO, patch_positions, dense_dino_loss)
 
 torch.set_num_threads(1)
 FX = Path(__file__).parent / "fixtures"
@@ -97,3 +97,55 @@ def test_test_scale_trains_without_cache(tmp_path, monkeypatch):
     m = pretrained_dino_lite("test", steps=2)
     assert m.info["steps"] == 2 and not (tmp_path / "cache").exists()
     assert torch.isfinite(m.patch_tokens(torch.randn(1, 3, 32, 32))).all()
+
+def _coords():
+    x = torch.arange(32.).expand(1, 1, 32, 32) + 0.5
+    return torch.cat([x, x.transpose(-1, -2), torch.zeros_like(x)], 1).expand(3, 3, 32, 32)    # each pixel holds its (x, y)
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_crop_boxes_locate_patches(seed):
+    crops, boxes = multi_crop(_coords(), n_local=3, generator=torch.Generator().manual_seed(seed), boxes=True)
+    assert all(torch.equal(a, b) for a, b in zip(crops, multi_crop(_coords(), n_local=3, generator=torch.Generator().manual_seed(seed))))
+    assert [tuple(b.shape) for b in boxes] == [(3, 5)] * 5 and {float(v) for b in boxes for v in b[:, 4]} <= {0.0, 1.0}
+    for c, b in zip(crops, boxes):                                   # the mean (x, y) of a patch's pixels = its centre's image point
+        pos = patch_positions(b, c.shape[-1] // 4).permute(0, 3, 1, 2)
+        torch.testing.assert_close(pos, torch.nn.functional.avg_pool2d(c, 4)[:, :2], rtol=0, atol=0.1)
+
+def _bilinear(P, px, py):
+    m = P.shape[0]; px, py = min(max(px, 0), m - 1), min(max(py, 0), m - 1)
+    x0, y0 = min(int(px), m - 2), min(int(py), m - 2); wx, wy = px - x0, py - y0
+    return (1 - wy) * ((1 - wx) * P[y0, x0] + wx * P[y0, x0 + 1]) + wy * ((1 - wx) * P[y0 + 1, x0] + wx * P[y0 + 1, x0 + 1])
+
+def test_dense_loss_against_direct_formula():
+    g = torch.Generator().manual_seed(1); K = 4
+    _, bx = multi_crop(torch.zeros(2, 3, 32, 32), n_local=1, generator=g, boxes=True)
+    tea = [torch.randn(2, 4, 4, K, generator=g, dtype=torch.float64) for _ in range(2)]
+    stu = tea[:1] + [torch.randn(2, 4, 4, K, generator=g, dtype=torch.float64), torch.randn(2, 2, 2, K, generator=g, dtype=torch.float64)]
+    c = torch.randn(K, generator=g, dtype=torch.float64); tot, npair = 0.0, 0
+    for a in range(2):
+        for b in range(3):
+            if a == b: continue
+            terms = []
+            for i in range(2):
+                A, B, n = bx[a][i].tolist(), bx[b][i].tolist(), stu[b].shape[1]
+                P = torch.softmax((tea[a][i] - c) / 0.04, -1)
+                for r in range(n):
+                    for q in range(n):
+                        fx = (q + 0.5) / n; fx = 1 - fx if B[4] else fx
+                        u, v = (B[1] + fx * B[3] - A[1]) / A[3], (B[0] + (r + 0.5) / n * B[2] - A[0]) / A[2]
+                        u = 1 - u if A[4] else u
+                        if 0 <= u <= 1 and 0 <= v <= 1:
+                            p = _bilinear(P, u * 4 - 0.5, v * 4 - 0.5)
+                            terms.append(float(-(p * torch.log_softmax(stu[b][i, r, q] / 0.1, -1)).sum()))
+            tot += sum(terms) / max(len(terms), 1); npair += 1
+    torch.testing.assert_close(dense_dino_loss(stu, tea, bx, c), torch.tensor(tot / npair, dtype=torch.float64), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="boxes"): dense_dino_loss(stu, tea, bx[:2], c)
+    with pytest.raises(ValueError, match="teacher"): dense_dino_loss(stu[:1], tea, bx[:1], c)
+
+def test_dense_loss_identical_views_is_entropy():
+    "Two global crops of the same box: the loss is the cross-entropy at equal positions (no interpolation), min when student = teacher's sharpened target."
+    box = torch.tensor([[4., 2., 24., 24., 0.]])
+    t = torch.randn(1, 6, 6, 5, dtype=torch.float64); c = torch.zeros(5, dtype=torch.float64)
+    p = torch.softmax(t / 0.04, -1)
+    want = float(-(p * torch.log_softmax(t / 0.1, -1)).sum(-1).mean())
+    torch.testing.assert_close(dense_dino_loss([t, t], [t, t], [box, box], c), torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-10)

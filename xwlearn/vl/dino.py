@@ -18,8 +18,8 @@ from .clip import cached_training, read_state_dict, scene_tensor, _scale
 
 # %% auto #0
 __all__ = ['DINO_ARCHS', 'DINO_LITE', 'TEST_DINO', 'Attention', 'Mlp', 'Block', 'PatchEmbed', 'ViT', 'load_dino', 'DINOHead',
-           'DINOLite', 'dino_loss', 'update_center', 'multi_crop', 'dino_lite_backbone', 'train_dino',
-           'pretrained_dino_lite', 'group_scores', 'dino_grouping']
+           'DINOLite', 'dino_loss', 'update_center', 'multi_crop', 'patch_positions', 'dense_dino_loss',
+           'dino_lite_backbone', 'train_dino', 'pretrained_dino_lite', 'group_scores', 'dino_grouping']
 
 # %% ../../nbs/45_vision/11_vl.dino.ipynb #9a25b443
 class Attention(nn.Module):
@@ -194,27 +194,65 @@ def update_center(center:Tensor, teacher:list, momentum:float=0.9) -> Tensor:
 def multi_crop(x:Tensor, # (B,3,H,W) images
                n_global:int=2, n_local:int=4, global_size:int=32, local_size:int=16,
                global_scale=(0.4, 1.0), local_scale=(0.1, 0.4), # area fractions of the random resized crops
-               generator:torch.Generator|None=None) -> list:
+               generator:torch.Generator|None=None,
+               boxes:bool=False, # also return, per crop, the (B,5) boxes: top, left, height, width (image pixels), flipped (0/1)
+              ) -> list|tuple:
     "DINO's multi-crop: `n_global` large and `n_local` small random resized crops of each image (random horizontal flips), one (B,3,s,s) tensor per crop."
     from torchvision.transforms.v2 import functional as TF
     B, _, H, W = x.shape
     def crop(size, scale):
-        out = []
+        out, box = [], []
         for b in range(B):
             a = H * W * (scale[0] + (scale[1] - scale[0]) * torch.rand((), generator=generator).item())
             r = math.exp(math.log(3 / 4) + math.log(16 / 9) * torch.rand((), generator=generator).item())   # aspect ratio in [3/4, 4/3]
             h, w = min(H, max(2, round(math.sqrt(a / r)))), min(W, max(2, round(math.sqrt(a * r))))
             i, j = torch.randint(H - h + 1, (), generator=generator).item(), torch.randint(W - w + 1, (), generator=generator).item()
             c = TF.resized_crop(x[b], i, j, h, w, [size, size], antialias=True)
-            out.append(c.flip(-1) if torch.rand((), generator=generator) < 0.5 else c)
-        return torch.stack(out)
-    return [crop(global_size, global_scale) for _ in range(n_global)] + [crop(local_size, local_scale) for _ in range(n_local)]
+            flip = bool(torch.rand((), generator=generator) < 0.5)
+            out.append(c.flip(-1) if flip else c); box.append((i, j, h, w, flip))
+        return torch.stack(out), torch.tensor(box, dtype=torch.float32)
+    res = [crop(global_size, global_scale) for _ in range(n_global)] + [crop(local_size, local_scale) for _ in range(n_local)]
+    return ([c for c, _ in res], [b for _, b in res]) if boxes else [c for c, _ in res]
+
+# %% ../../nbs/45_vision/11_vl.dino.ipynb #af30c221
+def patch_positions(boxes:Tensor, # (B,5) crop boxes from `multi_crop(..., boxes=True)`: top, left, height, width, flipped
+                    n:int, # the crop's patch grid is n × n
+                   ) -> Tensor:
+    "(B, n, n, 2): image coordinates (x, y) of the centres of a crop's n × n patches (a flipped crop's columns run right to left)."
+    u = (torch.arange(n, dtype=boxes.dtype) + 0.5) / n
+    fx = torch.where(boxes[:, 4:5] > 0, 1 - u, u)                            # (B, n): along the crop's columns
+    X, Y = boxes[:, 1:2] + fx * boxes[:, 3:4], boxes[:, 0:1] + u * boxes[:, 2:3]
+    return torch.stack([X[:, None, :].expand(-1, n, n), Y[:, :, None].expand(-1, n, n)], -1)
+
+def dense_dino_loss(student:list, # per crop (B, h, w, K) student patch logits: the global crops first, then the local ones
+                    teacher:list, # per global crop (B, h, w, K) teacher patch logits
+                    boxes:list, # per crop (B,5): `multi_crop(..., boxes=True)`
+                    center:Tensor, # (K,) running mean of the teacher patch logits
+                    student_temp:float=0.1, teacher_temp:float=0.04) -> Tensor:
+    "`dino_loss` per patch: each student patch of crop b learns the teacher's centred, sharpened output at the same image point in global crop a ≠ b (bilinear between teacher patches, edges clamped); mean over the points inside crop a, then over pairs."
+    if len(teacher) > len(student): raise ValueError(f"teacher: expected at most len(student)={len(student)} crops, got {len(teacher)}")
+    if len(boxes) != len(student): raise ValueError(f"boxes: expected one (B,5) tensor per student crop ({len(student)}), got {len(boxes)}")
+    total, n = 0.0, 0
+    for a, t in enumerate(teacher):
+        P = F.softmax((t - center) / teacher_temp, dim=-1).detach().permute(0, 3, 1, 2)        # (B, K, h, w)
+        ba = boxes[a].to(t.dtype)
+        for b, s in enumerate(student):
+            if a == b: continue
+            pos = patch_positions(boxes[b].to(t.dtype), s.shape[1])
+            gx, gy = (pos[..., 0] - ba[:, 1, None, None]) / ba[:, 3, None, None], (pos[..., 1] - ba[:, 0, None, None]) / ba[:, 2, None, None]
+            gx = torch.where(ba[:, 4, None, None] > 0, 1 - gx, gx)                   # position in crop a, 0..1
+            inside = ((gx >= 0) & (gx <= 1) & (gy >= 0) & (gy <= 1)).to(t.dtype)
+            pt = F.grid_sample(P, torch.stack([2 * gx - 1, 2 * gy - 1], -1), mode='bilinear', padding_mode='border',
+                               align_corners=False).permute(0, 2, 3, 1)                  # (B, h_b, w_b, K)
+            ce = torch.sum(-pt * F.log_softmax(s / student_temp, dim=-1), dim=-1)
+            total = total + (ce * inside).sum() / inside.sum().clamp(min=1); n += 1
+    return total / n
 
 # %% ../../nbs/45_vision/11_vl.dino.ipynb #3d5b9d9c
 DINO_LITE = dict(size=32, patch=4, dim=64, depth=4, heads=4, out_dim=256, n_scenes=16000, steps=500, batch=64, lr=1e-3, wd=0.04,
                  warmup=50, momentum=0.99, student_temp=0.1, teacher_temp=0.04, center_momentum=0.9, n_local=4, local_size=16,
-                 seed=0, ckpt_every=100)
-"The full DINO-lite (about 10 CPU-minutes)."
+                 dense=1.0, seed=0, ckpt_every=100)
+"The full DINO-lite (about 10 CPU-minutes at most); `dense`: weight of the patch-level term (`dense_dino_loss`), 0 = DINO's image loss alone."
 TEST_DINO = dict(DINO_LITE, dim=32, depth=2, heads=2, out_dim=64, n_scenes=128, steps=4, batch=16, warmup=2, n_local=2)
 "The seconds-long version the tests train (no cache)."
 
@@ -222,40 +260,52 @@ def dino_lite_backbone(s:dict) -> ViT:
     "The DINO-lite backbone for settings `s` (a small DINO `ViT`)."
     return ViT(img_size=s['size'], patch_size=s['patch'], embed_dim=s['dim'], depth=s['depth'], num_heads=s['heads'])
 
+def _grid(t:Tensor) -> Tensor:
+    "(B, N, K) patch outputs → (B, √N, √N, K)."
+    n = int(round(math.sqrt(t.shape[1]))); return t.reshape(t.shape[0], n, n, t.shape[-1])
+
 def train_dino(s:dict, # settings (`DINO_LITE`)
                partial:str|Path|None=None, # resume from / checkpoint to this file every `ckpt_every` steps
                stop:int|None=None, # stop after this step (an interruption: the schedules still span `steps`)
               ) -> dict:
-    "DINO self-distillation on multi-crops of the scenes: EMA teacher (`ModelEMA`, momentum → 1 on a cosine), centring + sharpening; returns the teacher backbone."
+    "DINO self-distillation on multi-crops of the scenes: EMA teacher (`ModelEMA`, momentum → 1 on a cosine), centring + sharpening, plus `s['dense']` × `dense_dino_loss`; returns the teacher backbone."
     from xwlearn.vl.clip import captioned_scenes
     set_seed(s['seed'])
     sc, keep, _ = captioned_scenes(s['n_scenes'], s['size'], s['seed'], 'all')
-    X = scene_tensor(sc.images)
+    X, dense = scene_tensor(sc.images), s.get('dense', 0.0)
     student = DINOLite(dino_lite_backbone(s), DINOHead(s['dim'], s['out_dim']))
     teacher = ModelEMA(student, decay=s['momentum'])
-    center = torch.zeros(s['out_dim'])
+    center, pcenter = torch.zeros(s['out_dim']), torch.zeros(s['out_dim'])       # image and patch centres
     opt = torch.optim.AdamW(student.parameters(), lr=s['lr'], weight_decay=s['wd'])
     step, cpu, wall, losses = 0, 0.0, 0.0, []
     if partial is not None and Path(partial).exists():
         st = torch.load(partial, map_location='cpu', weights_only=True)
         student.load_state_dict(st['student']); teacher.load_state_dict(st['teacher']); opt.load_state_dict(st['opt'])
-        center.copy_(st['center']); step, cpu, wall, losses = st['step'], st['cpu'], st['wall'], st['losses']
+        center.copy_(st['center']); pcenter.copy_(st['pcenter']); step, cpu, wall, losses = st['step'], st['cpu'], st['wall'], st['losses']
     c0, w0 = time.process_time(), time.perf_counter()
     while step < min(s['steps'], stop or s['steps']):
         g = torch.Generator().manual_seed(s['seed'] * 1_000_003 + step)
         cos = 0.5 * (1 + math.cos(math.pi * step / s['steps']))
         for pg in opt.param_groups: pg['lr'] = s['lr'] * min(1, (step + 1) / s['warmup']) * cos
-        crops = multi_crop(X[torch.randint(len(X), (s['batch'],), generator=g)], n_local=s['n_local'], global_size=s['size'],
-                           local_size=s['local_size'], generator=g)
-        with torch.no_grad(): t_out = teacher.module(crops[:2])
-        loss = dino_loss(student(crops), t_out, center, s['student_temp'], s['teacher_temp'])
+        crops, boxes = multi_crop(X[torch.randint(len(X), (s['batch'],), generator=g)], n_local=s['n_local'], global_size=s['size'],
+                                  local_size=s['local_size'], generator=g, boxes=True)
+        with torch.no_grad():
+            t_tok = [teacher.module.backbone.tokens(c) for c in crops[:2]]
+            t_out = [teacher.module.head(t[:, 0]) for t in t_tok]
+        s_tok = [student.backbone.tokens(c) for c in crops]
+        loss = dino_loss([student.head(t[:, 0]) for t in s_tok], t_out, center, s['student_temp'], s['teacher_temp'])
+        if dense:
+            with torch.no_grad(): t_pat = [_grid(teacher.module.head(t[:, 1:])) for t in t_tok]
+            l_pat = dense_dino_loss([_grid(student.head(t[:, 1:])) for t in s_tok], t_pat, boxes, pcenter, s['student_temp'], s['teacher_temp'])
+            loss = loss + dense * l_pat
         opt.zero_grad(); loss.backward(); nn.utils.clip_grad_norm_(student.parameters(), 3.0); opt.step()
         teacher.decay = 1 - (1 - s['momentum']) * cos                  # DINO's teacher momentum schedule: m → 1
         teacher.update(student); update_center(center, t_out, s['center_momentum'])
+        if dense: update_center(pcenter, [t.reshape(-1, t.shape[-1]) for t in t_pat], s['center_momentum'])
         losses.append(float(loss.detach())); step += 1
         if partial is not None and (step % s['ckpt_every'] == 0 or step in (s['steps'], stop)):
-            st = dict(student=student.state_dict(), teacher=teacher.state_dict(), opt=opt.state_dict(), center=center, step=step,
-                      losses=losses, cpu=cpu + time.process_time() - c0, wall=wall + time.perf_counter() - w0)
+            st = dict(student=student.state_dict(), teacher=teacher.state_dict(), opt=opt.state_dict(), center=center, pcenter=pcenter,
+                      step=step, losses=losses, cpu=cpu + time.process_time() - c0, wall=wall + time.perf_counter() - w0)
             with atomic_write(partial, 'wb') as f: torch.save(st, f)
     info = dict(steps=step, cpu_s=cpu + time.process_time() - c0, wall_s=wall + time.perf_counter() - w0,
                 loss_first=float(np.mean(losses[:20])), loss_last=float(np.mean(losses[-20:])))
@@ -271,7 +321,7 @@ def pretrained_dino_lite(scale:str|None=None, # 'full': trained once into the ca
     s = dict(TEST_DINO if _scale(scale) == 'test' else DINO_LITE, **overrides)
     import xwlearn.vl.dino as m                                    # hash the module's source (a notebook's own definitions have none)
     code = tuple(getattr(m, n) for n in ('Attention', 'Mlp', 'Block', 'PatchEmbed', 'ViT', 'DINOHead', 'DINOLite', 'dino_loss', 'update_center',
-                 'multi_crop', 'dino_lite_backbone', 'train_dino')) + (ModelEMA, captioned_scenes, scene_tensor, make_scenes)
+                 'multi_crop', 'patch_positions', 'dense_dino_loss', '_grid', 'dino_lite_backbone', 'train_dino')) + (ModelEMA, captioned_scenes, scene_tensor, make_scenes)
     out = train_dino(s) if _scale(scale) == 'test' else cached_training('dino_lite', s, train_dino, code, root)
     model = dino_lite_backbone(s); model.load_state_dict(out['model']); model.info = out['info']
     return model.eval()
