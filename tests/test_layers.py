@@ -24,7 +24,9 @@ SUBSTRATE = {"xwlearn.data", "xwlearn.nets", "xwlearn.distributed", "xwlearn.rec
              "xwlearn.vision.transforms", "xwlearn.vision.layers", "xwlearn.vision.detr", "xwlearn.vision.learner",
              "xwlearn.vision.semi",
              # the vision-language substrate (issue 29): tiny CLIP / DINO-lite and the loaders of real weights
-             "xwlearn.vl.clip", "xwlearn.vl.dino"}
+             "xwlearn.vl.clip", "xwlearn.vl.dino",
+             # issues 25, 28, 30: the DINO detector, the grounding text encoder and data, open-vocabulary evaluation
+             "xwlearn.vision.dino_detr", "xwlearn.vl.text", "xwlearn.vl.grounding", "xwlearn.vl.openvocab"}
 TOP = {"xwlearn.cli", "xwlearn.__main__", "xwlearn.docs", "xwlearn.report"}
 META = {"xwlearn", "xwlearn._modidx"}           # the package itself (version, docstring) and nbdev's symbol index
 REGISTRIES = {"xwlearn.models": "xwlearn.models."}  # timm-style: `import xwlearn.models` registers every backbone
