@@ -15,7 +15,7 @@ from torchvision.ops import box_convert, box_iou, generalized_box_iou, generaliz
 
 from ..vision.layers import Scale, distance2box, hungarian_assign, level_points, nms, quality_focal_loss
 from ..vision.detr import dn_queries, inverse_sigmoid
-from ..vision.dino_detr import ChannelMapper, box_sine_embed, dn_loss, mask_sine_embed, set_loss, two_stage_anchors
+from ..vision.dino_detr import ChannelMapper, box_sine_embed, dn_loss, mask_sine_embed, set_loss, two_stage_anchors, deformable_encode, pad_images
 
 # %% auto #0
 __all__ = ['DDQ_FCN_MODES', 'DDQ_MASK_MODES', 'distinct_queries', 'ddq_cost', 'ddq_targets', 'ddq_set_loss', 'pyramid_shuffle',
@@ -578,33 +578,10 @@ class DDQDETR(nn.Module):
 
     def batch_images(self, images:list) -> tuple:
         "Normalise (uint8 or [0, 1] floats) and zero-pad to the largest image (mmdet `pad_size_divisor=1`): `(x (B, 3, H, W), mask (B, H, W) True = padding, [(h, w)] per image)`."
-        if not isinstance(images, (list, tuple)) or not images: raise TypeError(f"images: expected a non-empty list of (3, H, W) tensors, got {type(images).__name__}")
-        sizes = [tuple(im.shape[-2:]) for im in images]
-        H, W = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        x = self.mean.new_zeros(len(images), 3, H, W)
-        mask = torch.ones(len(images), H, W, dtype=torch.bool, device=x.device)
-        for i, im in enumerate(images):
-            im = im.to(x.device, x.dtype) / (255. if im.dtype == torch.uint8 else 1.)
-            x[i, :, :im.shape[-2], :im.shape[-1]] = (im - self.mean) / self.std
-            mask[i, :im.shape[-2], :im.shape[-1]] = False
-        return x, mask, sizes
+        return pad_images(images, self.mean, self.std)
 
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #70f6f99c
-def _encode(self:DDQDETR, x:Tensor, mask:Tensor) -> dict:
-    "Backbone, neck and encoder: memory (B, S, d), memory_mask (B, S), spatial_shapes (L, 2), valid_ratios (B, L, 2)."
-    from xwlearn.vision.detr import encoder_reference_points
-    feats = self.neck(self.backbone(x))
-    if len(feats) != self.L: raise ValueError(f"backbone: expected {self.L} levels after the neck, got {len(feats)}")
-    masks = [F.interpolate(mask[None].to(x.dtype), size=f.shape[-2:])[0].bool() for f in feats]
-    vr = torch.stack([torch.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1) for m in masks], 1).to(x.dtype)
-    pos = torch.cat([mask_sine_embed(m, self.d // 2, dtype=x.dtype).flatten(2).transpose(1, 2) + self.level_embed[l] for l, m in enumerate(masks)], 1)
-    src = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
-    mmask = torch.cat([m.flatten(1) for m in masks], 1)
-    shapes = torch.tensor([f.shape[-2:] for f in feats], device=x.device)
-    ref = encoder_reference_points(shapes, vr, device=x.device, dtype=x.dtype)
-    for layer in self.encoder: src = layer(src, pos, ref, shapes, mmask)
-    return dict(memory=src, memory_mask=mmask, spatial_shapes=shapes, valid_ratios=vr)
-DDQDETR.encode = _encode
+DDQDETR.encode = deformable_encode   # the substrate's: backbone → neck → deformable encoder, as in DINO
 
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #a2a5e1e2
 def _forward_outputs(self:DDQDETR, x:Tensor, mask:Tensor, targets:list|None=None) -> dict:

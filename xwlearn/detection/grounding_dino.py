@@ -17,7 +17,7 @@ from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from ..vision.layers import hungarian_assign
 from ..vision.detr import DeformableEncoderLayer, MSDeformAttn, dn_queries, encoder_reference_points, inverse_sigmoid, mlp
-from ..vision.dino_detr import ChannelMapper, box_sine_embed, mask_sine_embed, two_stage_anchors
+from ..vision.dino_detr import ChannelMapper, box_sine_embed, mask_sine_embed, two_stage_anchors, pad_images
 
 # %% auto #0
 __all__ = ['GroundingText', 'text_sine_embed', 'BiAttention', 'FusionLayer', 'TextEnhancerLayer', 'GroundingEncoderLayer',
@@ -436,16 +436,7 @@ GroundingDINO.losses = _losses
 # %% ../../nbs/50_detection/50_detection.grounding_dino.ipynb #7a2d76ae
 def _batch_images(self:GroundingDINO, images) -> tuple:
     "Normalise (uint8 or [0, 1] floats) and zero-pad: `(x (B, 3, H, W), mask (B, H, W) True = padding, [(h, w)])`."
-    if not isinstance(images, (list, tuple)) or not images: raise TypeError(f"images: expected a non-empty list of (3, H, W) tensors, got {type(images).__name__}")
-    sizes = [tuple(im.shape[-2:]) for im in images]
-    H, W = max(s[0] for s in sizes), max(s[1] for s in sizes)
-    x = self.mean.new_zeros(len(images), 3, H, W)
-    mask = torch.ones(len(images), H, W, dtype=torch.bool, device=x.device)
-    for i, im in enumerate(images):
-        im = im.to(x.device, x.dtype) / (255. if im.dtype == torch.uint8 else 1.)
-        x[i, :, :im.shape[-2], :im.shape[-1]] = (im - self.mean) / self.std
-        mask[i, :im.shape[-2], :im.shape[-1]] = False
-    return x, mask, sizes
+    return pad_images(images, self.mean, self.std)
 
 def _batch_text(self:GroundingDINO, n:int, text=None, targets:list|None=None) -> GroundingText:
     "The prompts of a batch of n images: `text` (batched, or a list of per-image prompts), else the targets' 'text', else `self.prompt`."

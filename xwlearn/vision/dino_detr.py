@@ -17,7 +17,8 @@ from .detr import dn_queries, inverse_sigmoid, match_cost
 
 # %% auto #0
 __all__ = ['mask_sine_embed', 'box_sine_embed', 'ChannelMapper', 'two_stage_anchors', 'select_queries', 'dn_groups',
-           'dino_decode', 'dino_head', 'set_loss', 'dn_loss', 'DINO', 'convert_official_dino', 'dino_r50']
+           'dino_decode', 'dino_head', 'set_loss', 'dn_loss', 'pad_images', 'DINO', 'deformable_encode',
+           'convert_official_dino', 'dino_r50']
 
 # %% ../../nbs/45_vision/09_vision.dino_detr.ipynb #d1000011
 def _interleaved(v:Tensor, num_feats:int, temperature:float) -> Tensor:
@@ -174,6 +175,21 @@ def dn_loss(logits:Tensor, # (B, N, K) the denoising queries' logits
     return tot / max(n, 1)
 
 # %% ../../nbs/45_vision/09_vision.dino_detr.ipynb #d4000002
+def pad_images(images:list, # (3, H, W) tensors: uint8, or floats in [0, 1]
+               mean:Tensor, std:Tensor, # (3, 1, 1) normalisation; the batch takes their dtype and device
+              ) -> tuple:
+    "Normalise and zero-pad to the largest image (mmdet `pad_size_divisor=1`): `(x (B, 3, H, W), mask (B, H, W) True = padding, [(h, w)] per image)`. DINO, DDQ-DETR and Grounding-DINO batch this way."
+    if not isinstance(images, (list, tuple)) or not images: raise TypeError(f"images: expected a non-empty list of (3, H, W) tensors, got {type(images).__name__}")
+    sizes = [tuple(im.shape[-2:]) for im in images]
+    H, W = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    x = mean.new_zeros(len(images), 3, H, W)
+    mask = torch.ones(len(images), H, W, dtype=torch.bool, device=x.device)
+    for i, im in enumerate(images):
+        im = im.to(x.device, x.dtype) / (255. if im.dtype == torch.uint8 else 1.)
+        x[i, :, :im.shape[-2], :im.shape[-1]] = (im - mean) / std
+        mask[i, :im.shape[-2], :im.shape[-1]] = False
+    return x, mask, sizes
+
 class DINO(nn.Module):
     "DINO in mmdet 3's layout: backbone → `ChannelMapper` → deformable encoder → two-stage proposals and mixed query selection → contrastive denoising + `dino_decode` (look forward twice) → per-layer heads. `model(images, targets)` → loss dict in training, else per image dict(boxes, scores, labels)."
     def __init__(self, backbone:nn.Module, # returns a list of maps, finest first; has `channels` (e.g. `TimmFeatures('resnet50', out_indices=(2, 3, 4))`)
@@ -214,20 +230,11 @@ class DINO(nn.Module):
 
     def batch_images(self, images:list) -> tuple:
         "Normalise (uint8 or [0, 1] floats) and zero-pad to the largest image (mmdet `pad_size_divisor=1`): `(x (B, 3, H, W), mask (B, H, W) True = padding, [(h, w)] per image)`."
-        if not isinstance(images, (list, tuple)) or not images: raise TypeError(f"images: expected a non-empty list of (3, H, W) tensors, got {type(images).__name__}")
-        sizes = [tuple(im.shape[-2:]) for im in images]
-        H, W = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        x = self.mean.new_zeros(len(images), 3, H, W)
-        mask = torch.ones(len(images), H, W, dtype=torch.bool, device=x.device)
-        for i, im in enumerate(images):
-            im = im.to(x.device, x.dtype) / (255. if im.dtype == torch.uint8 else 1.)
-            x[i, :, :im.shape[-2], :im.shape[-1]] = (im - self.mean) / self.std
-            mask[i, :im.shape[-2], :im.shape[-1]] = False
-        return x, mask, sizes
+        return pad_images(images, self.mean, self.std)
 
 # %% ../../nbs/45_vision/09_vision.dino_detr.ipynb #d4000003
-def _dino_encode(self:DINO, x:Tensor, mask:Tensor) -> dict:
-    "Backbone, neck and encoder (mmdet `DeformableDETR.pre_transformer` + `forward_encoder`): memory (B, S, d), memory_mask (B, S), spatial_shapes (L, 2), valid_ratios (B, L, 2)."
+def deformable_encode(self:nn.Module, x:Tensor, mask:Tensor) -> dict:
+    "Backbone, neck and encoder of a two-stage deformable DETR (mmdet `DeformableDETR.pre_transformer` + `forward_encoder`; DINO and DDQ-DETR share it, `self` having `backbone`, `neck`, `encoder`, `level_embed`, `L`, `d`): memory (B, S, d), memory_mask (B, S), spatial_shapes (L, 2), valid_ratios (B, L, 2)."
     feats = self.neck(self.backbone(x))
     if len(feats) != self.L: raise ValueError(f"backbone: expected {self.L} levels after the neck, got {len(feats)}")
     masks = [F.interpolate(mask[None].to(x.dtype), size=f.shape[-2:])[0].bool() for f in feats]
@@ -239,7 +246,7 @@ def _dino_encode(self:DINO, x:Tensor, mask:Tensor) -> dict:
     ref = encoder_reference_points(shapes, vr, device=x.device, dtype=x.dtype)
     for layer in self.encoder: src = layer(src, pos, ref, shapes, mmask)
     return dict(memory=src, memory_mask=mmask, spatial_shapes=shapes, valid_ratios=vr)
-DINO.encode = _dino_encode
+DINO.encode = deformable_encode
 
 def _dino_outputs(self:DINO, x:Tensor, mask:Tensor, targets:list|None=None) -> dict:
     "Everything before the losses. `targets` (training: per image dict(labels in [0, K), boxes cxcywh over the image size)) adds the denoising queries in front of the matching ones."
