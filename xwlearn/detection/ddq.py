@@ -15,7 +15,7 @@ from torchvision.ops import box_convert, box_iou, generalized_box_iou, generaliz
 
 from ..vision.layers import Scale, distance2box, hungarian_assign, level_points, nms, quality_focal_loss
 from ..vision.detr import dn_queries, inverse_sigmoid
-from ..vision.dino_detr import ChannelMapper, box_sine_embed, dn_loss, mask_sine_embed, set_loss, two_stage_anchors, deformable_encode, pad_images
+from ..vision.dino_detr import ChannelMapper, box_sine_embed, dn_loss, mask_sine_embed, set_loss, two_stage_anchors, deformable_encode, pad_images, DINO_KEY_RULES
 
 # %% auto #0
 __all__ = ['DDQ_FCN_MODES', 'DDQ_MASK_MODES', 'distinct_queries', 'ddq_cost', 'ddq_targets', 'ddq_set_loss', 'pyramid_shuffle',
@@ -705,23 +705,8 @@ def convert_official_ddq_fcn(state_dict:dict, # an official DDQ-FCN checkpoint (
     return out
 
 # %% ../../nbs/50_detection/20_detection.ddq.ipynb #1d1dd865
-_DDQ_DETR_RULES = [
-    (r'backbone\.(.+)', r'backbone.m.\1'),                                             # mmdet ResNet = timm resnet names
-    (r'neck\.convs\.(\d+)\.conv\.weight', r'neck.convs.\1.0.weight'),
-    (r'neck\.convs\.(\d+)\.gn\.(weight|bias)', r'neck.convs.\1.1.\2'),
-    (r'neck\.extra_convs\.(\d+)\.conv\.weight', r'neck.extra.\1.0.weight'),
-    (r'neck\.extra_convs\.(\d+)\.gn\.(weight|bias)', r'neck.extra.\1.1.\2'),
-    (r'encoder\.layers\.(\d+)\.self_attn\.(\w+)\.(weight|bias)', r'encoder.\1.attn.\2.\3'),
-    (r'(encoder|decoder\.layers)\.(?:layers\.)?(\d+)\.ffn\.layers\.0\.0\.(weight|bias)', r'\1.\2.ffn.0.\3'),
-    (r'(encoder|decoder\.layers)\.(?:layers\.)?(\d+)\.ffn\.layers\.1\.(weight|bias)', r'\1.\2.ffn.3.\3'),
-    (r'(encoder|decoder\.layers)\.(?:layers\.)?(\d+)\.norms\.0\.(weight|bias)', r'\1.\2.norm1.\3'),
-    (r'(encoder|decoder\.layers)\.(?:layers\.)?(\d+)\.norms\.1\.(weight|bias)', r'\1.\2.norm2.\3'),
-    (r'decoder\.layers\.(\d+)\.norms\.2\.(weight|bias)', r'decoder.layers.\1.norm3.\2'),
-    (r'decoder\.layers\.(\d+)\.self_attn\.attn\.(.+)', r'decoder.layers.\1.self_attn.\2'),  # nn.MultiheadAttention inside mmcv's wrapper
-    (r'decoder\.layers\.(\d+)\.cross_attn\.(.+)', r'decoder.layers.\1.cross_attn.\2'),
-    (r'decoder\.ref_point_head\.layers\.0\.(weight|bias)', r'decoder.ref_point_head.0.\1'),
-    (r'decoder\.ref_point_head\.layers\.1\.(weight|bias)', r'decoder.ref_point_head.2.\1'),
-    (r'(decoder\.norm|level_embed|memory_trans_fc|memory_trans_norm|query_map)(\..+)?', r'\g<0>'),
+_DDQ_DETR_RULES = DINO_KEY_RULES[:-3] + [   # DINO's layout (the substrate's rules), but the query content is `query_map` and
+    (r'(decoder\.norm|level_embed|memory_trans_fc|memory_trans_norm|query_map)(\..+)?', r'\g<0>'),   # the head has aux branches
     (r'dn_query_generator\.label_embedding\.weight', r'label_embedding.weight'),
     (r'bbox_head\.((?:aux_)?(?:cls|reg)_branches\..+)', r'\1'),
 ]

@@ -16,8 +16,8 @@ from .detr import DeformableDecoderLayer, DeformableEncoderLayer, encoder_refere
 from .detr import dn_queries, inverse_sigmoid, match_cost
 
 # %% auto #0
-__all__ = ['mask_sine_embed', 'box_sine_embed', 'ChannelMapper', 'two_stage_anchors', 'select_queries', 'dn_groups',
-           'dino_decode', 'dino_head', 'set_loss', 'dn_loss', 'pad_images', 'DINO', 'deformable_encode',
+__all__ = ['DINO_KEY_RULES', 'mask_sine_embed', 'box_sine_embed', 'ChannelMapper', 'two_stage_anchors', 'select_queries',
+           'dn_groups', 'dino_decode', 'dino_head', 'set_loss', 'dn_loss', 'pad_images', 'DINO', 'deformable_encode',
            'convert_official_dino', 'dino_r50']
 
 # %% ../../nbs/45_vision/09_vision.dino_detr.ipynb #d1000011
@@ -300,7 +300,7 @@ def _dino_forward(self:DINO, images:list, targets:list|None=None):
 DINO.forward = _dino_forward
 
 # %% ../../nbs/45_vision/09_vision.dino_detr.ipynb #d4000011
-_DINO_RULES = [
+DINO_KEY_RULES = [   # mmdet 3 DINO key → ours (first match wins); DDQ-DETR extends it
     (r'backbone\.(.+)', r'backbone.m.\1'),                                             # mmdet ResNet = timm resnet names
     (r'neck\.convs\.(\d+)\.conv\.weight', r'neck.convs.\1.0.weight'),
     (r'neck\.convs\.(\d+)\.gn\.(weight|bias)', r'neck.convs.\1.1.\2'),
@@ -333,7 +333,7 @@ def convert_official_dino(state_dict:dict, # an official DINO checkpoint (mmdet 
         if not sd: raise ValueError(f"prefix: no key of the state_dict starts with {prefix!r}")
     out = {}
     for k, v in sd.items():
-        for pat, rep in _DINO_RULES:
+        for pat, rep in DINO_KEY_RULES:
             if re.fullmatch(pat, k): out[re.sub(pat, rep, k)] = v; break
         else: raise KeyError(f"unexpected key {k!r} in the official DINO checkpoint (expected backbone.*, neck.*, encoder.*, decoder.*, bbox_head.*, …)")
     return out
