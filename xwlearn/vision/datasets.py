@@ -17,9 +17,10 @@ from .formats import (_err, save_images, coco_instances, write_coco_instances, r
                                     write_cocovid, read_cocovid, write_hpatches, read_hpatches_sequence, RestrictedUnpickler)
 
 # %% auto #0
-__all__ = ['DATASETS', 'COCO_CATEGORY_IDS', 'DatasetCard', 'register', 'coco_fixture', 'coco_check', 'voc_fixture', 'voc_check',
-           'context_fixture', 'context_check', 'cocostuff_fixture', 'cocostuff_check', 'ade_fixture', 'ade_check',
-           'cityscapes_fixture', 'cityscapes_check', 'imagenet_vid_fixture', 'imagenet_vid_check', 'refcoco_fixture',
+__all__ = ['DATASETS', 'COCO_CATEGORY_IDS', 'POTSDAM_CLASSES', 'POTSDAM3_CLASSES', 'DatasetCard', 'register', 'coco_fixture',
+           'coco_check', 'voc_fixture', 'voc_check', 'context_fixture', 'context_check', 'cocostuff_fixture',
+           'cocostuff_check', 'ade_fixture', 'ade_check', 'cityscapes_fixture', 'cityscapes_check', 'potsdam3_lut',
+           'potsdam_fixture', 'potsdam_check', 'imagenet_vid_fixture', 'imagenet_vid_check', 'refcoco_fixture',
            'refcoco_check', 'objects365_goldg_fixture', 'objects365_goldg_check', 'hpatches_fixture', 'hpatches_check',
            'load_npz_restricted', 'megadepth_views', 'megadepth_fixture', 'megadepth_check', 'write_fixture',
            'check_layout']
@@ -295,6 +296,68 @@ register(DatasetCard('cityscapes', 'https://www.cityscapes-dataset.com (leftImg8
     'Cityscapes licence: non-commercial research only', _CITY, '2,975 train + 500 val fine images, 2048x1024, 19 train classes; 11 GB',
     "unzip into ROOT; `CITYSCAPES_DATASET=ROOT python -m cityscapesscripts.preparation.createTrainIdLabelImgs`", ('ClearCLIP', 'ProxyCLIP', 'SmooSeg'),
     cityscapes_fixture, cityscapes_check))
+
+# %% ../../nbs/45_vision/05_vision.datasets.ipynb #d0a80279
+_POTSDAM = """
+ROOT/imgs/<id>.mat    key 'img': (200, 200, 4) uint8, channels R, G, B, near-infrared
+ROOT/gt/<id>.mat      key 'gt':  (200, 200) int32, 0 roads, 1 buildings, 2 low vegetation, 3 trees, 4 cars, 5 clutter
+ROOT/labelled_train.txt   labelled_test.txt   unlabelled_train.txt (ids without gt)   all.txt     (one <id> a line)
+"""
+POTSDAM_CLASSES = ('roads', 'buildings', 'low vegetation', 'trees', 'cars', 'clutter')
+POTSDAM3_CLASSES = ('roads and cars', 'buildings and clutter', 'vegetation and trees')
+_POTSDAM_FINE = np.array([0, 3, 1, 5, 4, 4, 5, 2, 5, 5, 1])   # scene ids (bg, 5 shapes, sky grass water sand wall) -> the six classes
+
+def potsdam3_lut() -> np.ndarray:
+    "(256,) uint8 lookup: Potsdam's six classes -> Potsdam-3 (roads+cars 0, buildings+clutter 1, vegetation+trees 2); anything else (255) -> 255."
+    lut = np.full(256, 255, np.uint8); lut[:6] = (0, 1, 2, 2, 0, 1)
+    return lut
+
+def _mat(path, key):
+    "The array `key` of a MATLAB file, or an error naming the file and the keys it has."
+    from scipy.io import loadmat
+    m = loadmat(path)
+    if key not in m: raise _err(f"{path}: expected a MATLAB file with key {key!r}, got keys {sorted(k for k in m if not k.startswith('__'))}")
+    return m[key]
+
+# %% ../../nbs/45_vision/05_vision.datasets.ipynb #01297de5
+def potsdam_fixture(root, n:int=4, seed:int=0, size:int=64) -> Path:
+    "A tiny Potsdam in IIC/STEGO's layout: n labelled train, n labelled test and n unlabelled (no gt) tiles as .mat files."
+    from scipy.io import savemat
+    root = Path(root); sc = make_scenes(3 * n, size=size, seed=seed, max_objects=3)
+    ids = {s: [str(k) for k in range(i * n, (i + 1) * n)] for i, s in enumerate(('labelled_train', 'labelled_test', 'unlabelled_train'))}
+    for d in ('imgs', 'gt'): (root/d).mkdir(parents=True, exist_ok=True)
+    for k in range(3 * n):
+        rgb = sc.images[k]; veg = np.isin(_POTSDAM_FINE[sc.semantic[k]], (2, 3))
+        ir = np.clip(rgb.mean(-1) * 0.5 + 120 * veg, 0, 255).astype(np.uint8)     # vegetation is bright in near-infrared
+        savemat(root/'imgs'/f'{k}.mat', {'img': np.concatenate([rgb, ir[..., None]], -1)})
+        if k < 2 * n: savemat(root/'gt'/f'{k}.mat', {'gt': _POTSDAM_FINE[sc.semantic[k]].astype(np.int32)})
+    for s, v in ids.items(): (root/f'{s}.txt').write_text('\n'.join(v) + '\n')
+    (root/'all.txt').write_text('\n'.join(str(k) for k in range(3 * n)) + '\n')
+    return root
+
+def potsdam_check(root, deep:bool=False) -> dict:
+    "Potsdam layout (split files, a .mat per id); `deep`: read every listed tile: 'img' (H, W, >= 3) uint8, 'gt' (H, W) in 0..5 or 255."
+    root = Path(root)
+    _require(root, ['imgs', 'gt', 'labelled_train.txt', 'labelled_test.txt'], 'Potsdam', _POTSDAM)
+    ids = {s: _ids(root/f'{s}.txt') for s in ('labelled_train', 'labelled_test', 'unlabelled_train') if (root/f'{s}.txt').is_file()}
+    _require(root, [f'imgs/{i}.mat' for v in ids.values() for i in v], 'Potsdam tiles', _POTSDAM)
+    _require(root, [f'gt/{i}.mat' for s in ('labelled_train', 'labelled_test') for i in ids[s]], 'Potsdam labels', _POTSDAM)
+    if deep:
+        for s, v in ids.items():
+            for i in v:
+                x = _mat(root/'imgs'/f'{i}.mat', 'img')
+                if x.ndim != 3 or x.shape[-1] < 3 or x.dtype != np.uint8: raise _err(f"{root/'imgs'/f'{i}.mat'}: 'img' is {x.dtype} {x.shape}; expected (H, W, 4) uint8 (R, G, B, IR)")
+                if s == 'unlabelled_train': continue
+                y = _mat(root/'gt'/f'{i}.mat', 'gt')
+                if y.shape != x.shape[:2]: raise _err(f"{root/'gt'/f'{i}.mat'}: 'gt' has shape {y.shape}, its image {x.shape[:2]}")
+                if not set(np.unique(y).tolist()) <= set(range(6)) | {255}: raise _err(f"{root/'gt'/f'{i}.mat'}: labels {np.unique(y)}; Potsdam has 0..5 (and 255)")
+    return {s: len(v) for s, v in ids.items()}
+
+register(DatasetCard('potsdam', 'ISPRS 2D semantic labelling, Potsdam (https://www.isprs.org/education/benchmarks/UrbanSemLab/); the 200 x 200 .mat cut of IIC, '
+    "as STEGO's potsdam.zip (https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/potsdam.zip)",
+    'ISPRS benchmark terms: research use, cite the benchmark; no redistribution of the original data', _POTSDAM,
+    '200 x 200 RGB-IR tiles cut from 38 orthophotos (5 cm/pixel); 6 classes, merged to 3 ("Potsdam-3")',
+    "unzip potsdam.zip (STEGO's download_datasets.py) and pass the `potsdam` folder as ROOT", ('SmooSeg',), potsdam_fixture, potsdam_check))
 
 # %% ../../nbs/45_vision/05_vision.datasets.ipynb #db000ac7
 _VID = """
